@@ -1,0 +1,45 @@
+"""Typed signatures of the native module ``ewc_rs._core`` (Rust, tch, pyo3)."""
+
+from typing import Optional, Sequence
+
+import torch
+
+__version__: str
+TORCH_VERSION: str
+
+Capture = tuple[
+    str, torch.Tensor, torch.Tensor, Optional[int], Optional[int], Sequence[int], Sequence[float], Sequence[torch.Tensor]
+]
+
+def fisher_accumulate(
+    outputs: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    kind: str,
+    likelihood: str,
+    mc: Optional[torch.Tensor],
+    loglik: Optional[torch.Tensor],
+    captures: Sequence[Capture],
+    direct: Sequence[tuple[torch.Tensor, int]],
+    accumulators: Sequence[torch.Tensor],
+    names: Sequence[str],
+    budget_bytes: int,
+) -> None:
+    """Adds one batch's Σ_n (per-sample gradient)² into ``accumulators`` in place."""
+
+def fisher_rule_mismatch(
+    outputs: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    kind: str,
+    likelihood: str,
+    mc: Optional[torch.Tensor],
+    loglik: Optional[torch.Tensor],
+    captures: Sequence[Capture],
+    params: Sequence[tuple[int, torch.Tensor]],
+    budget_bytes: int,
+) -> list[tuple[int, float]]:
+    """Relative difference per slot between the rules' summed gradients and autograd's."""
+
+def penalty(
+    params: Sequence[torch.Tensor], star: torch.Tensor, fisher: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ/2) Σ F (θ−θ*)² as a 0-d tensor, and λF(θ−θ*) as one flat tensor."""

@@ -1,0 +1,413 @@
+"""Diagonal Fisher information of any ``torch.nn.Module``.
+
+Definitions (van de Ven 2025 names): per-sample log-likelihood ℓ_n(θ) = log p(y_n | x_n, θ);
+diagonal Fisher F = (1/N) Σ_n (∇θ ℓ_n)², the mean of squared **per-sample** gradients.
+
+This module is the Python half of the engine: it records layer calls with forward hooks, moves
+batches to the model's device, samples labels for ``mc`` and handles the exact per-sample fallback
+for modules without a rule. The maths (likelihood roots, backward passes, per-layer rules,
+accumulation) runs in Rust, ``ewc_rs._core``, with the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _core
+from .layers import RuleSpec, rule_for
+
+KINDS = ("exact", "mc", "empirical", "batched")
+LIKELIHOODS = ("categorical", "gaussian")
+
+#: A callable likelihood: ``(outputs, targets) -> per-sample log-likelihood [N]``.
+LikelihoodFn = Callable[[Any, Any], torch.Tensor]
+
+#: Rules whose check against autograd differs by more than this use the fallback instead.
+_MISMATCH_TOL = 1e-3
+
+
+def _budget_bytes() -> int:
+    """Bound on per-sample intermediates (``EWC_RS_CHUNK_MB``, default 256 MiB)."""
+    return int(float(os.environ.get("EWC_RS_CHUNK_MB", "256")) * 2**20)
+
+
+@dataclass
+class _Site:
+    """A module with a rule, and the accumulator slots of its weight and bias."""
+
+    module: nn.Module
+    spec: RuleSpec
+    slots: list[Optional[int]]
+
+
+@dataclass
+class _Plan:
+    names: list[str]
+    params: list[torch.Tensor]
+    sites: list[_Site]
+    fallback: set[int] = field(default_factory=set)
+
+    def drop_from_rules(self, slots: Iterable[int]) -> None:
+        """Sends ``slots`` to the exact per-sample fallback."""
+        for s in slots:
+            self.fallback.add(s)
+            for site in self.sites:
+                site.slots = [None if x == s else x for x in site.slots]
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """Assigns each trainable parameter a slot and decides rule or fallback for it.
+
+    A parameter gets the rule path only if every module that owns it has a rule; otherwise (a
+    custom module with raw parameters, an RNN, attention, ...) it goes to the exact fallback.
+    """
+    names, params, slot_of = [], [], {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            slot_of[id(p)] = len(params)
+            names.append(name)
+            params.append(p)
+    plan = _Plan(names, params, [])
+    for module in model.modules():
+        own = [(k, p) for k, p in module._parameters.items() if p is not None and id(p) in slot_of]
+        if not own:
+            continue
+        spec = rule_for(module)
+        if spec is None or any(k not in ("weight", "bias") for k, _ in own):
+            plan.fallback.update(slot_of[id(p)] for _, p in own)
+            continue
+        slots = [None, None]
+        for k, p in own:
+            slots[0 if k == "weight" else 1] = slot_of[id(p)]
+        plan.sites.append(_Site(module, spec, slots))
+    plan.drop_from_rules(set(plan.fallback))
+    plan.sites = [s for s in plan.sites if any(x is not None for x in s.slots)]
+    return plan
+
+
+class _Recorder:
+    """Forward hooks that record (site, input, output) for every call of a module with a rule."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.enabled = False
+        self.clone_outputs = False  # set when an in-place op modified a recorded output
+        self.calls: list[tuple[_Site, torch.Tensor, torch.Tensor, int]] = []
+        self.handles = [
+            s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in plan.sites
+        ]
+
+    def _hook(self, site: _Site) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.enabled:
+                return None
+            inp = args[0] if args else kwargs.get("input")
+            if not isinstance(inp, torch.Tensor) or not isinstance(output, torch.Tensor):
+                self.calls.append((site, torch.empty(0), torch.empty(0), -1))
+                return None
+            if not output.requires_grad:
+                return None
+            self.calls.append((site, inp.detach(), output, output._version))
+            # Returning a copy keeps later in-place ops (ReLU(inplace=True)) off the recorded output.
+            return output.clone() if self.clone_outputs else None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the estimation (BatchNorm uses running statistics, dropout is off); every
+    submodule's own ``training`` flag is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _take(x: Any, sl: slice) -> Any:
+    """Rows ``sl`` of a batch element (tensor, tuple/list or dict of tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x[sl]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take(v, sl) for v in x)
+    if isinstance(x, dict):
+        return {k: _take(v, sl) for k, v in x.items()}
+    return x
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def _batch_size(x: Any, index: int) -> int:
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0:
+            raise ValueError(f"loader: batch {index}: inputs are a 0-d tensor; expected a batch dimension")
+        return int(x.shape[0])
+    items = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, (tuple, list)) else []
+    for v in items:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ValueError(
+        f"loader: batch {index}: inputs must be a tensor, or a tuple/list/dict holding tensors; "
+        f"got {type(x).__name__}"
+    )
+
+
+def _unpack(batch: Any, index: int) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise ValueError(f"loader: batch {index} must be a pair (inputs, targets), got {what}")
+    return batch[0], batch[1]
+
+
+def _validate(kind: str, likelihood: Union[str, LikelihoodFn], mc_samples: int, num_samples: Optional[int]) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+    if callable(likelihood):
+        if kind in ("exact", "mc"):
+            raise ValueError(
+                f"kind={kind!r} needs the model's predictive distribution, which a callable likelihood "
+                "does not define; use kind='empirical' or kind='batched' with a callable likelihood"
+            )
+        lik = "custom"
+    elif likelihood in LIKELIHOODS:
+        lik = str(likelihood)
+    else:
+        raise ValueError(f"likelihood: expected 'categorical', 'gaussian' or a callable; got {likelihood!r}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples: expected None or a positive integer, got {num_samples!r}")
+    return lik
+
+
+def _draw_mc(outputs: torch.Tensor, lik: str, samples: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Labels ``[N, S]`` drawn from p(·|x) (categorical) or noise ``[N, S, D]`` (gaussian)."""
+    out = outputs.detach().float()
+    gen_device = generator.device if generator is not None else out.device
+    if lik == "categorical":
+        probs = torch.softmax(out, dim=1).to(gen_device)
+        draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
+    else:
+        out2 = out.reshape(out.shape[0], -1)
+        draws = torch.randn(out2.shape[0], samples, out2.shape[1], generator=generator, device=gen_device)
+    return draws.to(out.device)
+
+
+def fisher_diag(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    kind: str = "exact",
+    likelihood: Union[str, LikelihoodFn] = "categorical",
+    mc_samples: int = 1,
+    num_samples: Optional[int] = None,
+    progress: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> dict[str, torch.Tensor]:
+    """Estimates the diagonal Fisher information of ``model`` on the data in ``loader``.
+
+    F = (1/N) Σ_n (∇θ log p(y_n | x_n, θ))², the mean of squared per-sample gradients, with
+    y_n chosen by ``kind``:
+
+    - ``"exact"``: the expectation over the model's predictive distribution,
+      F = (1/N) Σ_n Σ_c p(c|x_n) (∇ log p(c|x_n))² (one backward pass per class).
+    - ``"mc"``: y_n sampled from p(·|x_n), averaged over ``mc_samples`` draws.
+    - ``"empirical"``: y_n = the data's label.
+    - ``"batched"``: the seed article's estimator: the square of each batch-mean gradient,
+      averaged over batches. Biased: it is about 1/batch_size of the Fisher, and gradients of
+      opposite sign cancel inside a batch. Kept only to reproduce the article.
+
+    The model runs in eval mode (BatchNorm uses its running statistics, dropout is off) and every
+    submodule's mode is restored afterwards; ``.grad`` of the parameters is not touched.
+    Parameters of layers with a rule (Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm, GroupNorm,
+    Embedding) are computed in one backward pass per root; any other parameter (custom modules,
+    RNNs, attention, parameters used outside their module) by an exact per-sample pass.
+
+    Args:
+        model: any module whose log-likelihood is a sum of per-sample terms.
+        loader: iterable of ``(inputs, targets)``; inputs a tensor (``model(x)``), a tuple/list
+            (``model(*x)``) or a dict (``model(**x)``). Moved to the model's device.
+        kind: ``"exact"``, ``"mc"``, ``"empirical"`` or ``"batched"``.
+        likelihood: ``"categorical"`` (outputs are logits ``[N, C]``, targets class indices),
+            ``"gaussian"`` (outputs ``[N, D]``, unit variance) or a callable
+            ``(outputs, targets) -> [N]`` per-sample log-likelihood (``empirical``/``batched`` only).
+        mc_samples: draws per sample for ``kind="mc"``.
+        num_samples: use at most this many samples (the last batch is cut).
+        progress: show a tqdm bar with samples/s.
+        generator: random generator for ``kind="mc"`` (reproducible draws).
+
+    Returns:
+        ``{name: F}`` for every parameter that requires grad (names of
+        ``model.named_parameters()``), float32, with the parameter's shape and device.
+
+    Raises:
+        ValueError: unknown kind or likelihood, empty loader, malformed batch, outputs or targets
+            that do not fit the likelihood, labels out of range, non-finite results.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    lik = _validate(kind, likelihood, mc_samples, num_samples)
+    plan = _plan(model)
+    if not plan.params:
+        raise ValueError("model: no parameter requires grad, so there is no Fisher to estimate")
+    device = plan.params[0].device
+    accs = [torch.zeros(p.shape, dtype=torch.float32, device=device if p.device == device else p.device) for p in plan.params]
+    grads_before = [p.grad for p in plan.params]
+    budget = _budget_bytes()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples, unit="sample", desc=f"Fisher ({kind})")
+
+    recorder = _Recorder(plan) if kind != "batched" else None
+    seen = batches = 0
+    checked = False
+    try:
+        with _eval_mode(model), torch.enable_grad():
+            for index, batch in enumerate(loader):
+                if num_samples is not None and seen >= num_samples:
+                    break
+                x, y = _unpack(batch, index)
+                n = _batch_size(x, index)
+                if num_samples is not None and seen + n > num_samples:
+                    n = num_samples - seen
+                    x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
+                if n == 0:
+                    continue
+                x, y = _to(x, device), _to(y, device)
+                if recorder is None:
+                    _batched_step(model, x, y, lik, likelihood, plan, accs)
+                else:
+                    checked = _rules_step(model, x, y, n, lik, likelihood, kind, mc_samples, generator,
+                                          plan, recorder, accs, budget, checked)
+                seen += n
+                batches += 1
+                if bar is not None:
+                    bar.update(n)
+    finally:
+        if recorder is not None:
+            recorder.remove()
+        if bar is not None:
+            bar.close()
+        for p, g in zip(plan.params, grads_before):
+            p.grad = g
+
+    if batches == 0:
+        raise ValueError("loader: produced no batches (an empty loader has no Fisher)")
+    count = batches if kind == "batched" else seen
+    result = {}
+    for name, acc in zip(plan.names, accs):
+        f = acc / count
+        if not torch.isfinite(f).all():
+            raise ValueError(
+                f"Fisher of parameter '{name}' has non-finite values (NaN or inf): check the model's "
+                "outputs and the data for NaN/inf"
+            )
+        result[name] = f
+    return result
+
+
+def _loglik(likelihood: Union[str, LikelihoodFn], out: Any, y: Any) -> Optional[torch.Tensor]:
+    if not callable(likelihood):
+        return None
+    ll = likelihood(out, y)
+    if not isinstance(ll, torch.Tensor):
+        raise TypeError(f"likelihood: the callable must return a tensor [N], got {type(ll).__name__}")
+    return ll
+
+
+def _check_outputs(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"model outputs: expected a tensor, got {type(out).__name__}; wrap the model so that it "
+            "returns the logits (categorical) or predictions (gaussian)"
+        )
+    return out
+
+
+def _batched_step(model: nn.Module, x: Any, y: Any, lik: str, likelihood: Union[str, LikelihoodFn],
+                  plan: _Plan, accs: list[torch.Tensor]) -> None:
+    out = _check_outputs(_forward(model, x))
+    direct = list(zip(plan.params, range(len(plan.params))))
+    _core.fisher_accumulate(out, y, "batched", lik, None, _loglik(likelihood, out, y), [],
+                            direct, accs, plan.names, 0)
+
+
+def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
+                kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: _Plan,
+                recorder: _Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
+    """One batch through the rules, then the fallback parameters sample by sample."""
+    while True:
+        recorder.calls = []
+        recorder.enabled = True
+        try:
+            out = _check_outputs(_forward(model, x))
+        finally:
+            recorder.enabled = False
+        modified = any(v >= 0 and o._version != v for _, _, o, v in recorder.calls)
+        if modified and not recorder.clone_outputs:
+            recorder.clone_outputs = True  # an in-place op touched a recorded output: record copies
+            continue
+        break
+    # Calls the rules cannot interpret (non-tensor input, batch not in dim 0) go to the fallback.
+    bad = {s for site, inp, _, v in recorder.calls if v < 0 or inp.shape[:1] != (n,)
+           for s in site.slots if s is not None}
+    if bad:
+        plan.drop_from_rules(bad)
+    mc = _draw_mc(out, lik, mc_samples, generator) if kind == "mc" else None
+    ll = _loglik(likelihood, out, y)
+
+    def captures() -> list[tuple]:
+        return [(site.spec[0], inp, o, site.slots[0], site.slots[1], list(site.spec[1]),
+                 list(site.spec[2]), list(site.spec[3]))
+                for site, inp, o, v in recorder.calls
+                if v >= 0 and any(s is not None for s in site.slots)]
+
+    if not checked and recorder.calls:
+        # Once per estimation: do the rules see every use of their parameters?
+        rule_slots = sorted({s for site, *_ in recorder.calls for s in site.slots if s is not None})
+        pairs = [(s, plan.params[s]) for s in rule_slots]
+        mism = _core.fisher_rule_mismatch(out, y, kind, lik, mc, ll, captures(), pairs, budget)
+        plan.drop_from_rules(s for s, err in mism if err > _MISMATCH_TOL)
+        checked = True
+    _core.fisher_accumulate(out, y, kind, lik, mc, ll, captures(), [], accs, plan.names, budget)
+
+    if plan.fallback:
+        direct = [(plan.params[s], s) for s in sorted(plan.fallback)]
+        for i in range(n):
+            sl = slice(i, i + 1)
+            xi, yi = _take(x, sl), _take(y, sl)
+            out_i = _check_outputs(_forward(model, xi))
+            _core.fisher_accumulate(out_i, yi, kind, lik, None if mc is None else mc[sl],
+                                    _loglik(likelihood, out_i, yi), [], direct, accs, plan.names, budget)
+    return checked

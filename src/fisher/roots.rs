@@ -1,0 +1,243 @@
+//! The scalars ("roots") whose gradients give the Fisher, for each kind and likelihood.
+//!
+//! Every root except `batched`'s is a sum over samples of a term that depends on one sample only,
+//! Σ_n w_n ℓ_n(θ), so the gradient of the root w.r.t. a layer's output holds every sample's own
+//! gradient at once. The Fisher numerator is Σ_roots Σ_n (per-sample gradient)²:
+//! - `empirical`: one root, ℓ_n = log p(y_n | x_n).
+//! - `exact` (categorical): one root per class c with w_n = sqrt(p(c|x_n)) (detached), so the
+//!   squares carry the weight p(c|x_n); (gaussian, unit variance): one root per output d, f_nd.
+//! - `mc`: one root per draw s, weight 1/sqrt(S), labels (or noise) drawn by the caller.
+//! - `batched`: the seed article's estimator, the batch-mean negative log-likelihood; the caller
+//!   squares its full gradient (biased: ≈ 1/batch_size of the Fisher, opposite signs cancel).
+
+use crate::error::{value_err, Context, Result};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FisherKind {
+    Exact,
+    Mc,
+    Empirical,
+    Batched,
+}
+
+impl FisherKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "exact" => Self::Exact,
+            "mc" => Self::Mc,
+            "empirical" => Self::Empirical,
+            "batched" => Self::Batched,
+            other => {
+                return value_err(format!(
+                    "kind: expected one of 'exact', 'mc', 'empirical', 'batched', got {other:?}"
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Likelihood {
+    /// Outputs are logits `[N, C]`, targets class indices `[N]`.
+    Categorical,
+    /// Outputs `[N, D]`, targets `[N, D]`, unit variance.
+    Gaussian,
+    /// The caller computed the per-sample log-likelihood `[N]` (connected to the graph).
+    Custom,
+}
+
+impl Likelihood {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "categorical" => Self::Categorical,
+            "gaussian" => Self::Gaussian,
+            "custom" => Self::Custom,
+            other => {
+                return value_err(format!(
+                    "likelihood: expected 'categorical', 'gaussian' or a callable, got {other:?}"
+                ))
+            }
+        })
+    }
+}
+
+/// What the roots are built from. `mc` holds sampled labels `[N, S]` (categorical) or noise
+/// `[N, S, D]` (gaussian); `loglik` the per-sample log-likelihood for `Likelihood::Custom`.
+pub struct RootInputs<'a> {
+    pub outputs: &'a Tensor,
+    pub targets: Option<&'a Tensor>,
+    pub kind: FisherKind,
+    pub likelihood: Likelihood,
+    pub mc: Option<&'a Tensor>,
+    pub loglik: Option<&'a Tensor>,
+}
+
+fn need<'a>(t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor> {
+    match t {
+        Some(t) => Ok(t),
+        None => value_err(format!("{what} is required for this Fisher kind")),
+    }
+}
+
+/// Checks `outputs` and `targets` against the likelihood, then builds the roots.
+pub fn build(inp: &RootInputs) -> Result<Vec<Tensor>> {
+    match inp.likelihood {
+        Likelihood::Categorical => categorical(inp),
+        Likelihood::Gaussian => gaussian(inp),
+        Likelihood::Custom => custom(inp),
+    }
+}
+
+fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
+    let out = inp.outputs;
+    if out.dim() != 2 {
+        return value_err(format!(
+            "model outputs: likelihood 'categorical' expects logits of shape [N, C], got {:?}",
+            out.size()
+        ));
+    }
+    let (n, c) = (out.size()[0], out.size()[1]);
+    let logp = out
+        .to_kind(Kind::Float)
+        .f_log_softmax(1, Kind::Float)
+        .ctx("log_softmax")?;
+    let labelled = |labels: &Tensor| -> Result<Tensor> {
+        logp.f_gather(1, &labels.reshape([n, 1]), false)
+            .ctx("gather log-probabilities")
+    };
+    Ok(match inp.kind {
+        FisherKind::Empirical | FisherKind::Batched => {
+            let y = need(inp.targets, "targets")?;
+            check_labels(y, n, c)?;
+            let ll = labelled(y)?;
+            if inp.kind == FisherKind::Batched {
+                vec![-ll.mean(Kind::Float)]
+            } else {
+                vec![ll.sum(Kind::Float)]
+            }
+        }
+        FisherKind::Exact => {
+            let p = logp.detach().exp();
+            let mut roots = Vec::with_capacity(c as usize);
+            for k in 0..c {
+                let w = p.select(1, k).sqrt();
+                roots.push((logp.select(1, k) * w).sum(Kind::Float));
+            }
+            roots
+        }
+        FisherKind::Mc => {
+            let labels = need(inp.mc, "mc labels")?;
+            if labels.dim() != 2 || labels.size()[0] != n {
+                return value_err(format!(
+                    "mc labels: expected shape [{n}, S], got {:?}",
+                    labels.size()
+                ));
+            }
+            check_labels(labels, labels.numel() as i64, c)?;
+            let s = labels.size()[1];
+            let scale = 1.0 / (s as f64).sqrt();
+            let ll = logp.f_gather(1, labels, false).ctx("gather mc labels")?;
+            (0..s)
+                .map(|k| ll.select(1, k).sum(Kind::Float) * scale)
+                .collect()
+        }
+    })
+}
+
+fn check_labels(y: &Tensor, n: i64, c: i64) -> Result<()> {
+    if !matches!(y.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        return value_err(format!(
+            "targets: likelihood 'categorical' expects integer class labels, got dtype {:?}",
+            y.kind()
+        ));
+    }
+    if y.numel() as i64 != n {
+        return value_err(format!(
+            "targets: expected {n} labels (one per output row), got shape {:?}",
+            y.size()
+        ));
+    }
+    if n > 0 {
+        let lo = y.min().int64_value(&[]);
+        let hi = y.max().int64_value(&[]);
+        if lo < 0 || hi >= c {
+            return value_err(format!(
+                "targets: labels must lie in [0, {c}) for {c} output classes, found range [{lo}, {hi}]"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn gaussian(inp: &RootInputs) -> Result<Vec<Tensor>> {
+    let out = inp.outputs;
+    let f = match out.dim() {
+        1 => out.to_kind(Kind::Float).unsqueeze(1),
+        2 => out.to_kind(Kind::Float),
+        _ => {
+            return value_err(format!(
+                "model outputs: likelihood 'gaussian' expects shape [N, D], got {:?}",
+                out.size()
+            ))
+        }
+    };
+    let (n, d) = (f.size()[0], f.size()[1]);
+    let targets = || -> Result<Tensor> {
+        let y = need(inp.targets, "targets")?;
+        if y.numel() as i64 != n * d {
+            return value_err(format!(
+                "targets: likelihood 'gaussian' expects targets shaped like the outputs [{n}, {d}], got {:?}",
+                y.size()
+            ));
+        }
+        Ok(y.to_kind(Kind::Float).reshape([n, d]))
+    };
+    Ok(match inp.kind {
+        FisherKind::Empirical => {
+            vec![((targets()? - &f).square() * -0.5).sum(Kind::Float)]
+        }
+        FisherKind::Batched => {
+            let per = (targets()? - &f).square().sum_dim_intlist(1, false, Kind::Float) * 0.5;
+            vec![per.mean(Kind::Float)]
+        }
+        // E_y[(Jᵀ(y−f))²] = Σ_d (∇f_d)² for y ~ N(f, I).
+        FisherKind::Exact => (0..d).map(|k| f.select(1, k).sum(Kind::Float)).collect(),
+        FisherKind::Mc => {
+            let eps = need(inp.mc, "mc noise")?;
+            if eps.dim() != 3 || eps.size()[0] != n || eps.size()[2] != d {
+                return value_err(format!(
+                    "mc noise: expected shape [{n}, S, {d}], got {:?}",
+                    eps.size()
+                ));
+            }
+            let s = eps.size()[1];
+            let scale = 1.0 / (s as f64).sqrt();
+            let eps = eps.to_kind(Kind::Float);
+            (0..s)
+                .map(|k| (eps.select(1, k) * &f).sum(Kind::Float) * scale)
+                .collect()
+        }
+    })
+}
+
+fn custom(inp: &RootInputs) -> Result<Vec<Tensor>> {
+    let ll = need(inp.loglik, "the per-sample log-likelihood")?;
+    let n = inp.outputs.size().first().copied().unwrap_or(0);
+    if ll.dim() != 1 || ll.size()[0] != n {
+        return value_err(format!(
+            "likelihood: a callable likelihood must return the per-sample log-likelihood of \
+             shape [{n}], got {:?}",
+            ll.size()
+        ));
+    }
+    let ll = ll.to_kind(Kind::Float);
+    match inp.kind {
+        FisherKind::Empirical => Ok(vec![ll.sum(Kind::Float)]),
+        FisherKind::Batched => Ok(vec![-ll.mean(Kind::Float)]),
+        k => value_err(format!(
+            "kind: {k:?} needs to sample from the model's predictive distribution, which a \
+             callable likelihood does not define; use kind='empirical' or 'batched'"
+        )),
+    }
+}
