@@ -36,9 +36,11 @@ struct PyCapture(
 );
 
 fn arg<T: Copy>(v: &[T], i: usize, rule: &str) -> Result<T> {
-    v.get(i)
-        .copied()
-        .ok_or_else(|| EwcError::Value(format!("capture of rule '{rule}': missing configuration value {i}")))
+    v.get(i).copied().ok_or_else(|| {
+        EwcError::Value(format!(
+            "capture of rule '{rule}': missing configuration value {i}"
+        ))
+    })
 }
 
 impl PyCapture {
@@ -50,10 +52,20 @@ impl PyCapture {
                 // ints = [dims, kernel.., stride.., padding.., dilation.., groups]
                 let d = arg(&ints, 0, &name)? as usize;
                 if ints.len() != 2 + 4 * d {
-                    return error::value_err(format!("conv capture: expected {} ints, got {}", 2 + 4 * d, ints.len()));
+                    return error::value_err(format!(
+                        "conv capture: expected {} ints, got {}",
+                        2 + 4 * d,
+                        ints.len()
+                    ));
                 }
                 let part = |k: usize| ints[1 + k * d..1 + (k + 1) * d].to_vec();
-                Rule::Conv(ConvGeometry::new(part(0), part(1), part(2), part(3), ints[1 + 4 * d])?)
+                Rule::Conv(ConvGeometry::new(
+                    part(0),
+                    part(1),
+                    part(2),
+                    part(3),
+                    ints[1 + 4 * d],
+                )?)
             }
             "batch_norm" => {
                 let mut it = tensors.into_iter();
@@ -63,7 +75,11 @@ impl PyCapture {
                         var: var.0,
                         eps: arg(&floats, 0, &name)?,
                     },
-                    _ => return error::value_err("batch_norm capture: expected running mean and var"),
+                    _ => {
+                        return error::value_err(
+                            "batch_norm capture: expected running mean and var",
+                        )
+                    }
                 }
             }
             "layer_norm" => Rule::LayerNorm {
@@ -136,7 +152,12 @@ fn fisher_accumulate(
         names,
     };
     let direct = direct.into_iter().map(|(t, s)| (t.0, s)).collect();
-    let (outputs, targets, mc, loglik) = (outputs.0, targets.map(|t| t.0), mc.map(|t| t.0), loglik.map(|t| t.0));
+    let (outputs, targets, mc, loglik) = (
+        outputs.0,
+        targets.map(|t| t.0),
+        mc.map(|t| t.0),
+        loglik.map(|t| t.0),
+    );
     py.allow_threads(move || {
         let roots = roots::build(&RootInputs {
             outputs: &outputs,
@@ -181,7 +202,12 @@ fn fisher_rule_mismatch(
     let likelihood = Likelihood::parse(likelihood).map_err(to_py)?;
     let captures = self::captures(captures).map_err(to_py)?;
     let params: Vec<(usize, tch::Tensor)> = params.into_iter().map(|(s, t)| (s, t.0)).collect();
-    let (outputs, targets, mc, loglik) = (outputs.0, targets.map(|t| t.0), mc.map(|t| t.0), loglik.map(|t| t.0));
+    let (outputs, targets, mc, loglik) = (
+        outputs.0,
+        targets.map(|t| t.0),
+        mc.map(|t| t.0),
+        loglik.map(|t| t.0),
+    );
     py.allow_threads(move || {
         let roots = roots::build(&RootInputs {
             outputs: &outputs,

@@ -4,10 +4,11 @@ from typing import Optional, Sequence
 
 import torch
 
+__all__ = ["__version__", "TORCH_VERSION", "fisher_accumulate", "fisher_rule_mismatch", "penalty"]
 __version__: str
 TORCH_VERSION: str
 
-Capture = tuple[
+_Capture = tuple[
     str, torch.Tensor, torch.Tensor, Optional[int], Optional[int], Sequence[int], Sequence[float], Sequence[torch.Tensor]
 ]
 
@@ -18,7 +19,7 @@ def fisher_accumulate(
     likelihood: str,
     mc: Optional[torch.Tensor],
     loglik: Optional[torch.Tensor],
-    captures: Sequence[Capture],
+    captures: Sequence[_Capture],
     direct: Sequence[tuple[torch.Tensor, int]],
     accumulators: Sequence[torch.Tensor],
     names: Sequence[str],
@@ -33,7 +34,7 @@ def fisher_rule_mismatch(
     likelihood: str,
     mc: Optional[torch.Tensor],
     loglik: Optional[torch.Tensor],
-    captures: Sequence[Capture],
+    captures: Sequence[_Capture],
     params: Sequence[tuple[int, torch.Tensor]],
     budget_bytes: int,
 ) -> list[tuple[int, float]]:

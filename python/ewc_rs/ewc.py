@@ -174,7 +174,8 @@ class EWC:
             The new task's Fisher ``{name: F}`` (float32), as estimated.
         """
         chosen = self._selected(self._model)
-        full = fisher_diag(self._model, loader, kind=kind, **fisher_options)
+        # detach: F is a constant of the penalty (and must not keep an autograd graph alive)
+        full = {n: f.detach() for n, f in fisher_diag(self._model, loader, kind=kind, **fisher_options).items()}
         fisher = {n: full[n].to(self.storage_dtype) for n in chosen}
         star = {n: p.detach().to(self.storage_dtype, copy=True) for n, p in chosen.items()}
         if self.mode == "online" and self._pairs:
@@ -275,7 +276,7 @@ class EWC:
             return
         for layer in _norm_layers(self._model):
             self._hooks.append(layer.register_forward_pre_hook(_enter_eval))
-            self._hooks.append(layer.register_forward_hook(_leave_eval))
+            self._hooks.append(layer.register_forward_hook(_leave_eval, always_call=True))
             self._frozen_layers.append(layer)
 
     def release_norm_stats(self) -> None:
@@ -351,8 +352,8 @@ class EWC:
                     raise ValueError(f"state: pair {t}, parameter '{n}': F or θ* has non-finite values")
                 if (f < 0).any():
                     raise ValueError(f"state: pair {t}, parameter '{n}': F has negative values")
-            clean.append({"fisher": {n: v.to(storage) for n, v in fisher.items()},
-                          "star": {n: v.to(storage) for n, v in star.items()}})
+            clean.append({"fisher": {n: v.detach().to(storage) for n, v in fisher.items()},
+                          "star": {n: v.detach().to(storage) for n, v in star.items()}})
         self.lam, self.mode, self.gamma, self.storage_dtype = lam, mode, gamma, storage
         if norm_stats != self.norm_stats:
             self.release_norm_stats()
@@ -420,9 +421,15 @@ class EWC:
 
 
 def _enter_eval(module: nn.Module, args: Any) -> None:
-    module._ewc_rs_training = module.training  # type: ignore[assignment]
+    # A stack, not one saved flag: several EWC objects may freeze the same layer (e.g. a fresh EWC
+    # given another's state), and their hooks nest; hooks run in order, so pops restore in LIFO.
+    stack = module.__dict__.setdefault("_ewc_rs_training", [])
+    stack.append(module.training)
     module.training = False
 
 
 def _leave_eval(module: nn.Module, args: Any, output: Any) -> None:
-    module.training = getattr(module, "_ewc_rs_training", module.training)
+    # Registered with always_call=True: runs even when the forward raises.
+    stack = module.__dict__.get("_ewc_rs_training")
+    if stack:
+        module.training = stack.pop()

@@ -12,6 +12,7 @@ accumulation) runs in Rust, ``ewc_rs._core``, with the GIL released.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -52,6 +53,8 @@ class _Plan:
     params: list[torch.Tensor]
     sites: list[_Site]
     fallback: set[int] = field(default_factory=set)
+    #: Whether ``torch.func.vmap`` handles the fallback for this model (None: not tried yet).
+    vmap_ok: Optional[bool] = None
 
     def drop_from_rules(self, slots: Iterable[int]) -> None:
         """Sends ``slots`` to the exact per-sample fallback."""
@@ -212,6 +215,16 @@ def _validate(kind: str, likelihood: Union[str, LikelihoodFn], mc_samples: int, 
 def _draw_mc(outputs: torch.Tensor, lik: str, samples: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Labels ``[N, S]`` drawn from p(·|x) (categorical) or noise ``[N, S, D]`` (gaussian)."""
     out = outputs.detach().float()
+    # Checked here because torch.multinomial would fail first, with a message naming neither.
+    if lik == "categorical" and out.dim() != 2:
+        raise ValueError(
+            f"model outputs: likelihood 'categorical' expects logits of shape [N, C], got {list(out.shape)}"
+        )
+    if not torch.isfinite(out).all():
+        raise ValueError(
+            "model outputs: non-finite values (NaN or inf), so kind='mc' cannot draw labels from "
+            "them: check the model's outputs and the data for NaN/inf"
+        )
     gen_device = generator.device if generator is not None else out.device
     if lik == "categorical":
         probs = torch.softmax(out, dim=1).to(gen_device)
@@ -363,6 +376,30 @@ def _batched_step(model: nn.Module, x: Any, y: Any, lik: str, likelihood: Union[
                             direct, accs, plan.names, 0)
 
 
+def _not_per_sample(out: torch.Tensor, calls: list[tuple[_Site, torch.Tensor, torch.Tensor, int]],
+                    n: int) -> set[int]:
+    """Slots of layer calls whose output rows are not the batch's samples.
+
+    The rules read row i of a layer's input and output as sample i. A layout where dim 0 is
+    something else of the same length (sequence-first ``[T, N, F]`` with T == N, as inside
+    ``nn.TransformerEncoderLayer(batch_first=False)``) passes the shape test, and the summed
+    gradients still agree, so it is caught here: sample 0's output may depend on row 0 only.
+    """
+    if n < 2 or out.dim() == 0 or out.shape[0] != n:
+        return set()
+    sel = [(site, o) for site, inp, o, v in calls
+           if v >= 0 and inp.shape[:1] == (n,) and any(s is not None for s in site.slots)]
+    if not sel:
+        return set()
+    row = out[0].reshape(-1).float()
+    # Unequal weights: a row sum can be constant (centred logits), a weighted sum is not.
+    probe = (row * torch.linspace(1.0, 2.0, row.numel(), device=row.device)).sum()
+    grads = torch.autograd.grad(probe, [o for _, o in sel], retain_graph=True, allow_unused=True)
+    return {s for (site, _), g in zip(sel, grads)
+            if g is not None and bool(torch.count_nonzero(g[1:]) > 0)
+            for s in site.slots if s is not None}
+
+
 def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
                 kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: _Plan,
                 recorder: _Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
@@ -394,7 +431,9 @@ def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: 
                 if v >= 0 and any(s is not None for s in site.slots)]
 
     if not checked and recorder.calls:
-        # Once per estimation: do the rules see every use of their parameters?
+        # Once per estimation: is dim 0 of every recorded call the sample index?
+        plan.drop_from_rules(_not_per_sample(out, recorder.calls, n))
+        # Do the rules see every use of their parameters?
         rule_slots = sorted({s for site, *_ in recorder.calls for s in site.slots if s is not None})
         pairs = [(s, plan.params[s]) for s in rule_slots]
         mism = _core.fisher_rule_mismatch(out, y, kind, lik, mc, ll, captures(), pairs, budget)
@@ -403,11 +442,123 @@ def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: 
     _core.fisher_accumulate(out, y, kind, lik, mc, ll, captures(), [], accs, plan.names, budget)
 
     if plan.fallback:
-        direct = [(plan.params[s], s) for s in sorted(plan.fallback)]
-        for i in range(n):
-            sl = slice(i, i + 1)
-            xi, yi = _take(x, sl), _take(y, sl)
-            out_i = _check_outputs(_forward(model, xi))
-            _core.fisher_accumulate(out_i, yi, kind, lik, None if mc is None else mc[sl],
-                                    _loglik(likelihood, out_i, yi), [], direct, accs, plan.names, budget)
+        _fallback_step(model, x, y, n, lik, likelihood, kind, mc, plan, accs, budget)
     return checked
+
+
+#: Tests set this to False to exercise the one-sample-at-a-time fallback.
+USE_VMAP_FALLBACK = True
+
+
+def _fallback_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
+                   kind: str, mc: Optional[torch.Tensor], plan: _Plan, accs: list[torch.Tensor], budget: int) -> None:
+    """Exact per-sample squared gradients of the parameters without a rule.
+
+    First choice: ``torch.func`` (``vmap`` over samples of ``jacrev`` of the per-sample terms),
+    one vectorised pass. If the model cannot be vmapped (some RNN kernels, data-dependent
+    control flow), it falls back for good to one forward/backward per sample through the Rust
+    driver. Both are exact; a parameter shared with rule layers is entirely computed here.
+    """
+    slots = sorted(plan.fallback)
+    if USE_VMAP_FALLBACK and plan.vmap_ok is not False:
+        try:
+            with warnings.catch_warnings():
+                # functorch's note that an op runs through its slower per-sample loop: still exact.
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                sums = _vmap_sq_grads(model, x, y, n, lik, likelihood, kind, mc, plan, slots, budget)
+        except Exception:
+            if plan.vmap_ok:
+                raise  # vmap worked on earlier batches: this is a real error
+            plan.vmap_ok = False
+        else:
+            plan.vmap_ok = True
+            for s, t in zip(slots, sums):
+                accs[s].add_(t.to(accs[s].device))
+            return
+    direct = [(plan.params[s], s) for s in slots]
+    for i in range(n):
+        sl = slice(i, i + 1)
+        xi, yi = _take(x, sl), _take(y, sl)
+        out_i = _check_outputs(_forward(model, xi))
+        _core.fisher_accumulate(out_i, yi, kind, lik, None if mc is None else mc[sl],
+                                _loglik(likelihood, out_i, yi), [], direct, accs, plan.names, budget)
+
+
+def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], lik: str,
+           likelihood: Union[str, LikelihoodFn], kind: str) -> torch.Tensor:
+    """The roots of the Rust driver (``src/fisher/roots.rs``) for a batch of one sample, as a vector."""
+    if lik == "custom":
+        return likelihood(out, y).reshape(1)  # type: ignore[operator]
+    if lik == "categorical":
+        logp = torch.log_softmax(out.float(), dim=-1).reshape(-1)
+        if kind == "empirical":
+            return logp.gather(0, y.reshape(1).long())  # gather, not indexing: vmap cannot .item()
+        if kind == "exact":
+            return logp * logp.detach().exp().sqrt()
+        assert mc is not None
+        return logp.gather(0, mc.reshape(-1).long()) / mc.numel() ** 0.5
+    f = out.float().reshape(-1)
+    if kind == "empirical":
+        return (-0.5 * (y.float().reshape(-1) - f).square().sum()).reshape(1)
+    if kind == "exact":
+        return f
+    assert mc is not None
+    eps = mc.float().reshape(-1, f.numel())
+    return (eps @ f) / eps.shape[0] ** 0.5
+
+
+def _vmap_sq_grads(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
+                   kind: str, mc: Optional[torch.Tensor], plan: _Plan, slots: list[int], budget: int) -> list[torch.Tensor]:
+    from torch.func import functional_call, jacrev, vmap
+
+    names = [plan.names[s] for s in slots]
+    theta = {nm: plan.params[s].detach() for nm, s in zip(names, slots)}
+    unsqueeze = slice(None)  # rows are re-batched to size 1 inside the vmapped function
+
+    def per_sample(th: dict, xn: Any, yn: Any, mcn: Optional[torch.Tensor]) -> torch.Tensor:
+        xb = _take(_unsqueeze(xn), unsqueeze)
+        out = _check_outputs(_functional_forward(functional_call, model, th, xb))
+        yb = None if yn is None else _unsqueeze(yn)
+        return _terms(out, yb, mcn, lik, likelihood, kind)
+
+    in_dims = (None, 0, None if y is None else 0, None if mc is None else 0)
+    fn = vmap(jacrev(per_sample), in_dims=in_dims)
+    per_sample_elems = sum(t.numel() for t in theta.values()) * (plan_roots(kind, lik, mc, y) + 1)
+    chunk = max(1, min(n, budget // max(1, 4 * per_sample_elems)))
+    sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in theta.values()]
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        # no_grad: jacrev still differentiates w.r.t. theta, but the other parameters (rule
+        # layers, requires_grad) must not tie the Fisher to an autograd graph.
+        with torch.no_grad():
+            jac = fn(theta, _take(x, sl), _take(y, sl), None if mc is None else mc[sl])
+        for i, nm in enumerate(names):
+            sums[i] += jac[nm].float().square().sum(dim=(0, 1))
+    return sums
+
+
+def plan_roots(kind: str, lik: str, mc: Optional[torch.Tensor], y: Any) -> int:
+    """Rough number of terms per sample (for chunking the vmapped Jacobians)."""
+    if kind == "mc" and mc is not None:
+        return int(mc.shape[1])
+    if kind == "exact":
+        return 1000 if lik == "categorical" else 100
+    return 1
+
+
+def _unsqueeze(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.unsqueeze(0)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_unsqueeze(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _unsqueeze(v) for k, v in x.items()}
+    return x
+
+
+def _functional_forward(functional_call: Callable[..., Any], model: nn.Module, th: dict, x: Any) -> Any:
+    if isinstance(x, dict):
+        return functional_call(model, th, (), x, strict=False)
+    if isinstance(x, (tuple, list)):
+        return functional_call(model, th, tuple(x), strict=False)
+    return functional_call(model, th, (x,), strict=False)

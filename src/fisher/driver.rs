@@ -171,7 +171,9 @@ fn accumulate_shared(
             let a = c.input.narrow(0, start, len);
             let ps = c.rule.per_sample(&a, &g.narrow(0, start, len), c.want())?;
             for (slot, t) in c.slots.iter().zip(ps) {
-                let (Some(slot), Some(t)) = (slot, t) else { continue };
+                let (Some(slot), Some(t)) = (slot, t) else {
+                    continue;
+                };
                 if uses[slot] == 1 {
                     accs.add(*slot, &t.square().sum_dim_intlist(0, false, Kind::Float))?;
                     continue;
@@ -225,7 +227,9 @@ pub fn rule_mismatch(
                 c.want(),
             )?;
             for (slot, t) in c.slots.iter().zip(ps) {
-                let (Some(slot), Some(t)) = (slot, t) else { continue };
+                let (Some(slot), Some(t)) = (slot, t) else {
+                    continue;
+                };
                 let t = t.sum_dim_intlist(0, false, Kind::Float);
                 let t = match sums.remove(slot) {
                     Some(s) => s + t,
@@ -247,7 +251,10 @@ pub fn rule_mismatch(
             Some(s) => s.reshape(p.size().as_slice()),
             None => Tensor::zeros(p.size().as_slice(), (Kind::Float, p.device())),
         };
-        let scale = truth.norm().double_value(&[]).max(ours.norm().double_value(&[]));
+        let scale = truth
+            .norm()
+            .double_value(&[])
+            .max(ours.norm().double_value(&[]));
         let diff = (&ours - &truth).norm().double_value(&[]);
         out.push((*slot, if scale > 0.0 { diff / scale } else { 0.0 }));
     }

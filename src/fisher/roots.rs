@@ -146,7 +146,10 @@ fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
 }
 
 fn check_labels(y: &Tensor, n: i64, c: i64) -> Result<()> {
-    if !matches!(y.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+    if !matches!(
+        y.kind(),
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+    ) {
         return value_err(format!(
             "targets: likelihood 'categorical' expects integer class labels, got dtype {:?}",
             y.kind()
@@ -198,7 +201,10 @@ fn gaussian(inp: &RootInputs) -> Result<Vec<Tensor>> {
             vec![((targets()? - &f).square() * -0.5).sum(Kind::Float)]
         }
         FisherKind::Batched => {
-            let per = (targets()? - &f).square().sum_dim_intlist(1, false, Kind::Float) * 0.5;
+            let per = (targets()? - &f)
+                .square()
+                .sum_dim_intlist(1, false, Kind::Float)
+                * 0.5;
             vec![per.mean(Kind::Float)]
         }
         // E_y[(Jᵀ(y−f))²] = Σ_d (∇f_d)² for y ~ N(f, I).

@@ -13,8 +13,11 @@ fn flat_rows(idx: &Tensor, g: &Tensor, padding_idx: Option<i64>) -> (Tensor, Ten
     let d = *g.size().last().unwrap_or(&1);
     let per = (idx.numel() as i64) / n.max(1);
     let rows = idx.reshape([-1]).to_kind(Kind::Int64);
-    let sample = Tensor::arange(n, (Kind::Int64, idx.device()))
-        .repeat_interleave_self_int(per, 0, None::<i64>);
+    let sample = Tensor::arange(n, (Kind::Int64, idx.device())).repeat_interleave_self_int(
+        per,
+        0,
+        None::<i64>,
+    );
     let grads = g.reshape([-1, d]);
     match padding_idx {
         Some(p) => {

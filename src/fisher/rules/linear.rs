@@ -26,7 +26,11 @@ pub fn per_sample(a: &Tensor, g: &Tensor, want: [bool; 2]) -> Result<Slots> {
     let a3 = a.to_kind(Kind::Float).reshape([n, -1, fin]);
     let g3 = g.reshape([n, -1, fout]);
     let w = if want[0] {
-        Some(g3.f_transpose(1, 2).and_then(|t| t.f_bmm(&a3)).ctx("linear rule")?)
+        Some(
+            g3.f_transpose(1, 2)
+                .and_then(|t| t.f_bmm(&a3))
+                .ctx("linear rule")?,
+        )
     } else {
         None
     };

@@ -27,7 +27,10 @@ pub enum Rule {
     /// `nn.GroupNorm` with `groups` groups.
     GroupNorm { groups: i64, eps: f64 },
     /// `nn.Embedding`: input is a tensor of indices `[N, ...]`.
-    Embedding { num_embeddings: i64, padding_idx: Option<i64> },
+    Embedding {
+        num_embeddings: i64,
+        padding_idx: Option<i64>,
+    },
 }
 
 pub use conv::ConvGeometry;
@@ -115,3 +118,6 @@ pub(crate) fn sum_middle(t: &Tensor, keep_last: usize) -> Tensor {
     let dims: Vec<i64> = (1..(d - keep_last) as i64).collect();
     t.sum_dim_intlist(dims.as_slice(), false, Kind::Float)
 }
+
+#[cfg(test)]
+mod tests;
