@@ -1,0 +1,104 @@
+"""Matplotlib figures of the demo, written as PNG files.
+
+Figures are built with the object-oriented API (``matplotlib.figure.Figure``, rendered by the Agg
+canvas on ``savefig``), not through ``pyplot``: no display is needed and importing this module
+does not change the backend of the caller (e.g. Jupyter's inline backend).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["plot_seed", "plot_permuted", "plot_matrices"]
+
+_LABELS = {"mnist_after_a": "MNIST after A", "mnist_after_b": "MNIST after B", "fashion_after_b": "Fashion after B"}
+
+
+def plot_seed(results: dict[str, dict[str, float]], path: Optional[Union[str, Path]] = None, *,
+              title: str = "MNIST → Fashion-MNIST") -> Figure:
+    """Grouped bars: one group per row of the seed table, one bar per accuracy."""
+    rows = list(results)
+    metrics = list(_LABELS)
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(metrics)
+    x = np.arange(len(rows))
+    for i, m in enumerate(metrics):
+        vals = [results[r][m] for r in rows]
+        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, vals, width, label=_LABELS[m])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(x, rows)
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper center", ncol=len(metrics), fontsize=8)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_permuted(curves: dict[str, list[float]], path: Optional[Union[str, Path]] = None, *,
+                  title: str = "Permuted MNIST") -> Figure:
+    """Average accuracy over the tasks seen so far vs. number of tasks (Kirkpatrick et al. Fig. 2A)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for method, c in curves.items():
+        ax.plot(range(1, len(c) + 1), c, marker="o", label=method)
+    n = max((len(c) for c in curves.values()), default=1)
+    ax.set_xticks(range(1, n + 1))
+    ax.set_xlabel("number of tasks learned")
+    ax.set_ylabel("average test accuracy over tasks seen")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def matrix_array(matrix: list[list[float]]) -> np.ndarray:
+    """Ragged lower-triangular accuracy lists → square array with NaN above the diagonal."""
+    n = len(matrix)
+    arr = np.full((n, n), np.nan)
+    for i, row in enumerate(matrix):
+        arr[i, :len(row)] = row
+    return arr
+
+
+def plot_matrices(matrices: dict[str, list[list[float]]], path: Optional[Union[str, Path]] = None, *,
+                  title: str = "Accuracy on task j after task i") -> Figure:
+    """One heat map per method: row i = after learning task i, column j = tested on task j."""
+    k = len(matrices)
+    cols = min(3, k)
+    rows = math.ceil(k / cols)
+    fig = Figure(figsize=(3.2 * cols + 0.8, 3.0 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    im = None
+    for ax, (method, m) in zip(axes.flat, matrices.items()):
+        arr = matrix_array(m)
+        im = ax.imshow(arr, vmin=0, vmax=1, cmap="viridis")
+        n = arr.shape[0]
+        for i in range(n):
+            for j in range(i + 1):
+                ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if arr[i, j] < 0.6 else "black")
+        ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
+        ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
+        ax.set_title(method, fontsize=9)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("tested on task")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("after task")
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="test accuracy")
+    fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,126 @@
+"""The demo's quick mode (``python -m ewc_rs.demo seed|permuted --quick``) and its data errors.
+
+Skipped when the project's data (``../shared/data`` next to the repository) is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_CANDIDATES = [REPO / ".." / "shared" / "data", Path("/work/shared/data")]
+DATA = next((d.resolve() for d in DATA_CANDIDATES
+             if (d / "mnist").is_dir() and (d / "fashion-mnist").is_dir()), None)
+
+pytestmark = pytest.mark.skipif(
+    DATA is None, reason="data missing: ../shared/data (mnist/, fashion-mnist/) not found next to the repository"
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEED_ROWS = {"no_ewc", "ewc_batched", "ewc_exact", "ewc_exact_bn_update"}
+SEED_METRICS = {"mnist_after_a", "mnist_after_b", "fashion_after_b"}
+METHODS = {"none", "l2", "ewc_exact", "ewc_empirical", "ewc_mc", "ewc_batched"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads() -> Iterator[None]:
+    """The demo sets torch's thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _demo_main(argv: list[str]) -> int:
+    from ewc_rs.demo.__main__ import main
+
+    return main(argv)
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def _is_accuracy(v: object) -> bool:
+    return isinstance(v, float) and 0.0 <= v <= 1.0
+
+
+def test_seed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _demo_main(["seed", "--quick", "--data", str(DATA), "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "seed.json").read_text())
+    assert set(payload) == {"seed"}
+    assert set(payload["seed"]) == SEED_ROWS
+    for row, metrics in payload["seed"].items():
+        assert set(metrics) == SEED_METRICS, row
+        assert all(_is_accuracy(v) for v in metrics.values()), (row, metrics)
+    # Task A is trained once: every row starts task B from the same model.
+    assert len({m["mnist_after_a"] for m in payload["seed"].values()}) == 1
+    assert _is_png(tmp_path / "seed.png")
+    out = capsys.readouterr().out
+    assert "| ewc_exact |" in out and "MNIST after B" in out
+
+
+def test_permuted_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _demo_main(["permuted", "--quick", "--data", str(DATA), "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "permuted.json").read_text())
+    assert set(payload["permuted"]) == METHODS
+    for method, curve in payload["permuted"].items():
+        assert isinstance(curve, list) and len(curve) == 3, method  # quick: 3 tasks
+        assert all(_is_accuracy(v) for v in curve), (method, curve)
+    assert set(payload["matrix"]) == METHODS
+    for method, matrix in payload["matrix"].items():
+        assert [len(row) for row in matrix] == [1, 2, 3], method
+        assert all(_is_accuracy(v) for row in matrix for v in row)
+        # The curve is the mean of each row of the matrix.
+        for avg, row in zip(payload["permuted"][method], matrix):
+            assert avg == pytest.approx(sum(row) / len(row))
+    # Before any consolidation every method is plain training from the same start.
+    assert len({c[0] for c in payload["permuted"].values()}) == 1
+    assert _is_png(tmp_path / "permuted.png")
+    assert _is_png(tmp_path / "permuted_matrix.png")
+    assert "| ewc_exact |" in capsys.readouterr().out
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-data"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ewc_rs.demo", "seed", "--quick", "--data", str(missing), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert str(missing) in proc.stderr and "no such directory" in proc.stderr
+    assert "t10k-images-idx3-ubyte" in proc.stderr  # says which files are needed
+    assert not (tmp_path / "o" / "seed.json").exists()
+
+
+def test_data_dir_without_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    (empty / "mnist").mkdir(parents=True)
+    code = _demo_main(["permuted", "--quick", "--data", str(empty), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not found there" in err and str(empty / "mnist") in err
+    assert "t10k-labels-idx1-ubyte" in err and "torchvision" in err
+
+
+def test_data_dir_with_torchvision_layout(tmp_path: Path) -> None:
+    """``--data`` accepts torchvision's ``<root>/MNIST/raw`` layout."""
+    from ewc_rs.demo.train import load_data
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (DATA / "mnist").iterdir():
+        (raw / f.name).symlink_to(f)
+    split = load_data("mnist", tmp_path)
+    assert split.files is not None and split.files.directory == raw
+    if split.source == "t10k-split":
+        assert split.x_train.shape == (8000, 28, 28) and split.x_test.shape == (2000, 28, 28)

@@ -1,0 +1,74 @@
+"""Runs the notebooks top to bottom in their quick setting (``EWC_RS_QUICK=1``) with nbclient.
+
+Skipped when nbclient/nbformat/ipykernel are not installed or the data (``../shared/data``) is
+missing. The notebooks are stored with outputs stripped; this test also checks that.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+DATA_CANDIDATES = [REPO / ".." / "shared" / "data", Path("/work/shared/data")]
+DATA = next((d.resolve() for d in DATA_CANDIDATES
+             if (d / "mnist").is_dir() and (d / "fashion-mnist").is_dir()), None)
+
+
+def _kernel_name() -> str:
+    """A kernel that runs this interpreter: ``python3`` when its spec starts ``python`` (which
+    jupyter_client replaces by ``sys.executable``) or names this interpreter; otherwise a spec
+    ``ewc-rs-test`` installed into ``sys.prefix`` (as ``ipykernel install --sys-prefix`` does)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec("python3")
+        exe = spec.argv[0] if spec.argv else ""
+        if exe in ("python", "python3", "{python}") or Path(exe).resolve() == Path(sys.executable).resolve():
+            return "python3"
+    except NoSuchKernel:
+        pass
+    from ipykernel.kernelspec import install
+
+    install(prefix=sys.prefix, kernel_name="ewc-rs-test", display_name="Python (ewc_rs tests)")
+    return "ewc-rs-test"
+
+
+def test_notebooks_found() -> None:
+    assert [p.name for p in NOTEBOOKS] == ["01_seed_mnist_to_fashion.ipynb", "02_permuted_mnist.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_outputs_stripped(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs not stripped"
+
+
+@pytest.mark.skipif(DATA is None, reason="data missing: ../shared/data (mnist/, fashion-mnist/) not found")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel inherits this process's environment.
+    monkeypatch.setenv("EWC_RS_QUICK", "1")
+    monkeypatch.setenv("EWC_RS_DATA", str(DATA))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name=_kernel_name(), timeout=600, resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert images, f"{path.name}: no figure was shown"
