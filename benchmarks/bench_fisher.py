@@ -1,0 +1,202 @@
+"""Fisher estimation speed: ewc_rs (every kind) against the usual ways of computing it.
+
+All in one process, side by side, on the same data (N=2000, batch 100, random inputs):
+- ``loop``: the per-sample loop (one forward/backward per sample, float32): the definition.
+- ``vmap``: ``torch.func`` ``vmap(grad)`` per-sample gradients, squared and summed.
+- ``backpack``: BackPACK's ``SumGradSquared`` (where it supports the model).
+- ``seed_batched``: the seed article's estimator (square of each batch-mean gradient): the
+  biased estimate ewc_rs's correct ``empirical`` is compared against for speed.
+- ``fwd_bwd``: one plain forward+backward over the same batches (the cost floor).
+- ``ewc_rs:<kind>``: ``ewc_rs.fisher_diag`` with kind empirical / exact / mc / batched.
+
+Prints a table of median times and ratios, and writes ``benchmarks/results/fisher_<device>.json``.
+
+Usage: ``python benchmarks/bench_fisher.py [--device cpu|cuda] [--repeats 5] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ewc_rs  # noqa: E402
+from common import median_time, write_results  # noqa: E402
+
+
+def seed_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.BatchNorm1d(100),
+        nn.Linear(100, 100), nn.ReLU(), nn.BatchNorm1d(100), nn.Linear(100, 10),
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+class SmallTransformer(nn.Module):
+    """Encoder d_model 32, 4 heads, 2 layers over 16 tokens of 32 features, mean-pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "seed_mlp": (seed_mlp, (1, 28, 28)),
+    "cnn": (cnn, (1, 28, 28)),
+    "transformer": (SmallTransformer, (16, 32)),
+}
+
+
+def make_data(shape: tuple[int, ...], n: int, batch: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return [(x[i:i + batch].to(device), y[i:i + batch].to(device)) for i in range(0, n, batch)]
+
+
+def loop_fisher(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+            for a, g in zip(acc, torch.autograd.grad(loss, params)):
+                a += g.square()
+    return {str(i): a for i, a in enumerate(acc)}
+
+
+def vmap_fisher(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    acc = {k: torch.zeros_like(v) for k, v in params.items()}
+    for x, y in batches:
+        for k, g in per_sample(params, x, y).items():
+            acc[k] += g.square().sum(0)
+    return acc
+
+
+def backpack_fisher(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    ext_model = extend(model)
+    lossfn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    acc = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for x, y in batches:
+        ext_model.zero_grad()
+        with backpack(SumGradSquared()):
+            lossfn(ext_model(x), y).backward()
+        for k, p in model.named_parameters():
+            acc[k] += p.sum_grad_squared  # type: ignore[attr-defined]
+    return acc
+
+
+def seed_batched(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    acc = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for k, p in model.named_parameters():
+            acc[k] += p.grad.square()  # type: ignore[union-attr]
+    return {k: v / len(batches) for k, v in acc.items()}
+
+
+def fwd_bwd(model: nn.Module, batches: list) -> None:
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+
+def run_model(name: str, device: str, n: int, repeats: int) -> dict[str, Any]:
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().to(device).eval()
+    batches = make_data(shape, n, 100, device)
+    sync = device == "cuda"
+    methods: dict[str, Callable[[], Any]] = {
+        "fwd_bwd": lambda: fwd_bwd(model, batches),
+        "seed_batched": lambda: seed_batched(model, batches),
+        "loop": lambda: loop_fisher(model, batches),
+        "vmap": lambda: vmap_fisher(model, batches),
+        "backpack": lambda: backpack_fisher(model, batches),
+    }
+    for kind in ("empirical", "exact", "mc", "batched"):
+        methods[f"ewc_rs:{kind}"] = (lambda k=kind: ewc_rs.fisher_diag(model, batches, kind=k))
+    times: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+    for method, fn in methods.items():
+        reps = max(1, repeats // 2) if method == "loop" else repeats
+        try:
+            times[method] = median_time(fn, repeats=reps, warmup=0 if method == "loop" else 1, sync=sync)
+        except Exception as e:  # a baseline that does not support the model is reported, not fatal
+            times[method] = None
+            errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return {"times_s": times, "unsupported": errors}
+
+
+def print_table(name: str, res: dict[str, Any]) -> None:
+    t = res["times_s"]
+    base, loop, emp = t.get("seed_batched"), t.get("loop"), t.get("ewc_rs:empirical")
+    print(f"\n## {name}  (median seconds; ratios: time / seed_batched, loop / time)")
+    print(f"{'method':<20}{'median s':>10}{'÷ seed_batched':>16}{'loop speed-up':>15}")
+    for method, v in t.items():
+        if v is None:
+            print(f"{method:<20}{'n/a':>10}   ({res['unsupported'][method]})")
+            continue
+        r1 = f"{v / base:.2f}x" if base else "-"
+        r2 = f"{loop / v:.1f}x" if loop else "-"
+        print(f"{method:<20}{v:>10.4f}{r1:>16}{r2:>15}")
+    if emp and base:
+        print(f"targets: empirical / seed_batched = {emp / base:.2f}; "
+              f"exact / empirical = {t['ewc_rs:exact'] / emp:.2f}; "
+              f"empirical / fwd_bwd = {emp / t['fwd_bwd']:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--quick", action="store_true", help="N=200, 3 repeats (smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.samples, args.repeats = 200, 3
+    results = {}
+    for name in args.models:
+        results[name] = run_model(name, args.device, args.samples, args.repeats)
+        print_table(name, results[name])
+    path = write_results(f"fisher_{args.device}.json", {"samples": args.samples, "batch": 100, "results": results})
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
