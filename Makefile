@@ -1,0 +1,59 @@
+# The README's two commands are `make demo` (main job) and `make test` (every test).
+# Both set everything up first (virtualenv, Python packages, the Rust extension) and are
+# idempotent: the second run reuses the venv and cargo's incremental build.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt | md5sum | cut -c1-12)
+OUT ?= demo_out
+# tch links libtorch from the installed torch package; tests need its lib/ on the loader path.
+export LIBTORCH_USE_PYTORCH := 1
+TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+
+.PHONY: setup build demo test test-rust test-python lint bench wheel clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	rm -f $(VENV)/.deps-* && touch $@
+
+setup: $(DEPS_STAMP)
+
+build: setup
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH maturin develop --release -q
+
+demo: build
+	$(PY) -m ewc_rs.demo seed --out $(OUT)
+	$(PY) -m ewc_rs.demo permuted --out $(OUT)
+
+lint: setup
+	cargo fmt --check
+	cargo clippy --release --all-targets -q -- -D warnings
+	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
+
+test-rust: build
+	LD_LIBRARY_PATH=$(TORCH_LIB):$$LD_LIBRARY_PATH cargo test --release -q
+
+test-python: build
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test: build lint test-rust test-python
+
+bench: build
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) benchmarks/bench_fisher.py
+	$(PY) benchmarks/bench_penalty.py
+
+# A wheel that does not bundle libtorch (it loads torch's own at import).
+wheel: setup
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH maturin build --release --auditwheel skip -o dist
+
+clean:
+	cargo clean
+	rm -rf $(VENV) dist $(OUT)
