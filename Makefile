@@ -10,6 +10,9 @@ DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt | md5sum | cut -c1-
 OUT ?= demo_out
 # tch links libtorch from the installed torch package; tests need its lib/ on the loader path.
 export LIBTORCH_USE_PYTORCH := 1
+# torch-sys's build script asks `python` for torch's location: make it the venv's.
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
 .PHONY: setup build demo test test-rust test-python lint bench wheel clean
@@ -26,7 +29,7 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 setup: $(DEPS_STAMP)
 
 build: setup
-	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH maturin develop --release -q
+	maturin develop --release -q
 
 demo: build
 	$(PY) -m ewc_rs.demo seed --out $(OUT)
@@ -35,6 +38,7 @@ demo: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
+	$(PY) -m mypy python/ewc_rs
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
 test-rust: build
@@ -52,7 +56,7 @@ bench: build
 
 # A wheel that does not bundle libtorch (it loads torch's own at import).
 wheel: setup
-	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH maturin build --release --auditwheel skip -o dist
+	maturin build --release --auditwheel skip -o dist
 
 clean:
 	cargo clean

@@ -3,9 +3,15 @@
 All in one process, side by side, on the same parameters:
 - ``seed_loop``: the seed article's penalty, a Python loop of tensor ops per parameter
   (``(lam/2) * (F * (p - star) ** 2).sum()`` summed), then ``backward()``.
-- ``ewc_rs``: ``ewc.penalty(model)`` then ``backward()`` (one fused Rust pass).
+- ``ewc_rs``: ``ewc.penalty(model)`` then ``backward()`` (one fused Rust pass, through autograd).
+- ``ewc_rs_direct``: ``ewc.backward(model)``, the same gradient added straight into existing
+  ``.grad`` tensors (as after the task loss's ``backward()``), no autograd.
 - ``floor``: ``torch.addcmul(a, b, c, out=d)`` over flat buffers of the model's total size:
   three reads and one write per parameter, the least any penalty+gradient can move.
+
+Before each timed call, untimed, the gradients are reset as a training step's
+``optimizer.zero_grad()`` would: to None for the autograd methods, zeroed in place for
+``ewc_rs_direct`` (which adds to the task loss's gradients; reading them is one more stream).
 
 Parameter shapes: the seed's MLP, transformer encoders (d_model 64 and 256, 12 layers), ResNet-18
 and ResNet-50 (torchvision, untrained). Prints medians and ratios; writes
@@ -89,11 +95,18 @@ def run_model(name: str, device: str, repeats: int) -> dict[str, Any]:
         for n, p in named:
             loss = loss + (lam / 2) * (seed_f[n] * (p - seed_s[n]) ** 2).sum()
         loss.backward()  # type: ignore[union-attr]
-        model.zero_grad(set_to_none=True)
 
     def fused() -> None:
         ewc.penalty(model).backward()
+
+    def direct() -> None:
+        ewc.backward(model)
+
+    def zero_grad() -> None:  # untimed, before each call: as `optimizer.zero_grad()` in training
         model.zero_grad(set_to_none=True)
+
+    def zero_grad_in_place() -> None:
+        model.zero_grad(set_to_none=False)
 
     total = sum(p.numel() for p in params)
     a, b, c, d = (torch.rand(total, device=device) for _ in range(4))
@@ -110,15 +123,20 @@ def run_model(name: str, device: str, repeats: int) -> dict[str, Any]:
     ours.backward()
     grad_err = max(float((p.grad - g).abs().max() / g.abs().max()) for p, g in zip(params, ref_grads))  # type: ignore[operator]
     model.zero_grad(set_to_none=True)
+    ewc.backward(model)
+    grad_err = max(grad_err, max(float((p.grad - g).abs().max() / g.abs().max()) for p, g in zip(params, ref_grads)))  # type: ignore[operator]
+    model.zero_grad(set_to_none=True)
 
     sync = device == "cuda"
     times = {}
     # Interleave the methods so that machine noise hits them alike; keep each one's median.
     rounds = 3
-    samples: dict[str, list[float]] = {"seed_loop": [], "ewc_rs": [], "floor": []}
+    samples: dict[str, list[float]] = {"seed_loop": [], "ewc_rs": [], "ewc_rs_direct": [], "floor": []}
+    methods = (("seed_loop", seed_loop, zero_grad), ("ewc_rs", fused, zero_grad),
+               ("ewc_rs_direct", direct, zero_grad_in_place), ("floor", floor, None))
     for _ in range(rounds):
-        for label, fn in (("seed_loop", seed_loop), ("ewc_rs", fused), ("floor", floor)):
-            samples[label].append(median_time(fn, repeats=repeats, warmup=2, sync=sync))
+        for label, fn, setup in methods:
+            samples[label].append(median_time(fn, repeats=repeats, warmup=2, sync=sync, setup=setup))
     times = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     return {
         "tensors": len(params),
@@ -136,15 +154,16 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     args = ap.parse_args()
     results = {}
-    print(f"{'model':<22}{'tensors':>8}{'params':>11}{'seed loop':>12}{'ewc_rs':>11}{'floor':>11}"
-          f"{'seed/ewc_rs':>13}{'ewc_rs/floor':>14}")
+    print(f"{'model':<20}{'tensors':>8}{'params':>10}{'seed loop':>11}{'ewc_rs':>10}{'direct':>10}{'floor':>10}"
+          f"{'seed/ewc_rs':>12}{'seed/direct':>12}{'ewc_rs/floor':>13}{'direct/floor':>13}")
     for name in args.models:
         r = run_model(name, args.device, args.repeats)
         results[name] = r
         t = r["times_s"]
-        print(f"{name:<22}{r['tensors']:>8}{r['parameters']:>11}{t['seed_loop'] * 1e3:>10.3f}ms"
-              f"{t['ewc_rs'] * 1e3:>9.3f}ms{t['floor'] * 1e3:>9.3f}ms"
-              f"{t['seed_loop'] / t['ewc_rs']:>12.1f}x{t['ewc_rs'] / t['floor']:>13.2f}x")
+        print(f"{name:<20}{r['tensors']:>8}{r['parameters']:>10}{t['seed_loop'] * 1e3:>9.3f}ms"
+              f"{t['ewc_rs'] * 1e3:>8.3f}ms{t['ewc_rs_direct'] * 1e3:>8.3f}ms{t['floor'] * 1e3:>8.3f}ms"
+              f"{t['seed_loop'] / t['ewc_rs']:>11.1f}x{t['seed_loop'] / t['ewc_rs_direct']:>11.1f}x"
+              f"{t['ewc_rs'] / t['floor']:>12.2f}x{t['ewc_rs_direct'] / t['floor']:>12.2f}x")
     path = write_results(f"penalty_{args.device}.json", {"repeats": args.repeats, "results": results})
     print(f"\nwritten {path}")
 

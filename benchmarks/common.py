@@ -8,19 +8,33 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, sync: bool = False) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs."""
+def median_time(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    sync: bool = False,
+    setup: Optional[Callable[[], Any]] = None,
+) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs.
+
+    ``setup()``, when given, runs before each call, outside the timed region.
+    """
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         if sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

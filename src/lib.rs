@@ -229,24 +229,65 @@ fn fisher_rule_mismatch(
 ///     star: flat θ* buffer (float32 or bfloat16), the parameters' total length.
 ///     fisher: flat F buffer, same length and dtype as `star`.
 ///     lam: λ.
+///     out: optional flat gradient buffer to write into (parameters' dtype, device and total
+///         length, contiguous); a fresh one is allocated when omitted.
 /// Returns:
-///     `(value, grad)`: (λ/2) Σ F (θ−θ*)² as a 0-d float32 tensor, and λF(θ−θ*) as one flat
-///     tensor in the parameters' dtype (split it into views per parameter).
+///     `(value, grad, views)`: (λ/2) Σ F (θ−θ*)² as a 0-d float32 tensor, λF(θ−θ*) as one flat
+///     tensor in the parameters' dtype, and its views shaped like each parameter.
 #[pyfunction]
-#[pyo3(name = "penalty")]
+#[pyo3(name = "penalty", signature = (params, star, fisher, lam, out=None))]
 fn penalty_py(
     py: Python<'_>,
     params: Vec<PyTensor>,
     star: PyTensor,
     fisher: PyTensor,
     lam: f64,
-) -> PyResult<(PyTensor, PyTensor)> {
+    out: Option<PyTensor>,
+) -> PyResult<(PyTensor, PyTensor, Vec<PyTensor>)> {
+    let params: Vec<tch::Tensor> = params.into_iter().map(|t| t.0).collect();
+    let (star, fisher, out) = (star.0, fisher.0, out.map(|t| t.0));
+    let out = py
+        .allow_threads(move || penalty::penalty(&params, &star, &fisher, lam, out))
+        .map_err(to_py)?;
+    let views = out.views.into_iter().map(PyTensor).collect();
+    Ok((PyTensor(out.value), PyTensor(out.grad), views))
+}
+
+/// Adds `scale` × the penalty's gradient straight into the parameters' `.grad` (CPU), in the
+/// pass that computes the value: no autograd graph.
+///
+/// Args:
+///     params: the parameter tensors (their `.grad` is updated in place where possible), all
+///         float32/float16/bfloat16 on CPU.
+///     star: flat θ* buffer (float32 or bfloat16), the parameters' total length.
+///     fisher: flat F buffer, same length and dtype as `star`.
+///     lam: λ.
+///     scale: multiplies the gradient only (e.g. a gradient scaler's factor).
+/// Returns:
+///     `(value, pending)`: the penalty as a 0-d float32 tensor, and `(index, gradient)` for each
+///     parameter requiring grad whose `.grad` could not be updated in place: install it as
+///     `.grad` when there was none, else add it (the `.grad` has another dtype or layout).
+#[pyfunction]
+#[pyo3(name = "accumulate")]
+fn accumulate_py(
+    py: Python<'_>,
+    params: Vec<PyTensor>,
+    star: PyTensor,
+    fisher: PyTensor,
+    lam: f64,
+    scale: f64,
+) -> PyResult<(PyTensor, Vec<(usize, PyTensor)>)> {
     let params: Vec<tch::Tensor> = params.into_iter().map(|t| t.0).collect();
     let (star, fisher) = (star.0, fisher.0);
     let out = py
-        .allow_threads(move || penalty::penalty(&params, &star, &fisher, lam))
+        .allow_threads(move || penalty::accumulate(&params, &star, &fisher, lam, scale))
         .map_err(to_py)?;
-    Ok((PyTensor(out.value), PyTensor(out.grad)))
+    let pending = out
+        .pending
+        .into_iter()
+        .map(|(i, t)| (i, PyTensor(t)))
+        .collect();
+    Ok((PyTensor(out.value), pending))
 }
 
 #[pymodule]
@@ -256,5 +297,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fisher_accumulate, m)?)?;
     m.add_function(wrap_pyfunction!(fisher_rule_mismatch, m)?)?;
     m.add_function(wrap_pyfunction!(penalty_py, m)?)?;
+    m.add_function(wrap_pyfunction!(accumulate_py, m)?)?;
     Ok(())
 }

@@ -137,6 +137,39 @@ def check_against_naive(model: nn.Module, ewc: EWC, pairs: list[Pair], lam: floa
     err = relative_error(grads_of(model), {n: before[n] + ref_grads[n] for n in before})
     assert err <= TOL, f"{msg}: accumulation into existing .grad: relative error {err:.3g}"
     model.zero_grad(set_to_none=True)
+    check_direct_backward(model, ewc, ref_value, ref_grads, consolidated, before, msg)
+
+
+def check_direct_backward(model: nn.Module, ewc: EWC, ref_value: float, ref_grads: dict[str, Tensor],
+                          consolidated: set[str], before: dict[str, Tensor], msg: str) -> None:
+    """``ewc.backward(model)`` (no autograd) = ``ewc.penalty(model).backward()``: from no
+    ``.grad``, scaled, and added to existing ``.grad`` (contiguous or not)."""
+    msg = f"{msg}, ewc.backward"
+    model.zero_grad(set_to_none=True)
+    value = ewc.backward(model)
+    assert value.dim() == 0 and not value.requires_grad, msg
+    assert rel(float(value), ref_value) <= TOL, f"{msg}: value {float(value)} vs {ref_value}"
+    err = relative_error(grads_of(model), ref_grads)
+    assert err <= TOL, f"{msg}: gradient relative error {err:.3g}"
+    for n, p in model.named_parameters():
+        if n not in consolidated or not p.requires_grad:
+            assert p.grad is None, f"{msg}: '{n}' got a gradient it should not have"
+
+    ewc.backward(model, grad_scale=1.5)  # adds 1.5x on top of the 1x above
+    err = relative_error(grads_of(model), {n: 2.5 * g for n, g in ref_grads.items()})
+    assert err <= TOL, f"{msg}: grad_scale=1.5 on existing .grad: relative error {err:.3g}"
+
+    for i, (n, p) in enumerate(model.named_parameters()):
+        # every other .grad non-contiguous (a transposed copy): must be added to, not overwritten
+        b = before[n].clone()
+        if i % 2 and b.dim() == 2:
+            b = b.t().contiguous().t()
+            assert not b.is_contiguous()
+        p.grad = b
+    ewc.backward(model)
+    err = relative_error(grads_of(model), {n: before[n] + ref_grads[n] for n in before})
+    assert err <= TOL, f"{msg}: accumulation into existing .grad: relative error {err:.3g}"
+    model.zero_grad(set_to_none=True)
 
 
 def check_with_other_loss(model: nn.Module, ewc: EWC, batch: Any, pairs: list[Pair], lam: float, msg: str) -> None:
@@ -156,6 +189,11 @@ def check_with_other_loss(model: nn.Module, ewc: EWC, batch: Any, pairs: list[Pa
     expected = {n: ce_grads[n] + ref_grads[n] for n in ce_grads}
     err = relative_error(grads_of(model), expected)
     assert err <= TOL, f"{msg}: (ce + penalty).backward(): relative error {err:.3g}"
+    model.zero_grad(set_to_none=True)
+    ce().backward()
+    ewc.backward(model)
+    err = relative_error(grads_of(model), expected)
+    assert err <= TOL, f"{msg}: ce.backward(); ewc.backward(): relative error {err:.3g}"
     model.zero_grad(set_to_none=True)
 
 
@@ -848,19 +886,35 @@ def test_core_penalty_matches_formula(seed: int) -> None:
     total = sum(p.numel() for p in params)
     star = torch.randn(total, generator=g)
     fisher = torch.rand(total, generator=g)
-    value, grad = _core.penalty(params, star, fisher, 3.5)
+    value, grad, views = _core.penalty(params, star, fisher, 3.5)
     assert value.dim() == 0 and value.dtype == torch.float32
     assert grad.shape == (total,) and grad.dtype == torch.float32
+    assert [v.shape for v in views] == [p.shape for p in params]
+    torch.testing.assert_close(torch.cat([v.reshape(-1) for v in views]), grad, rtol=0, atol=0)
+    out = torch.full((total,), float("nan"))
+    _, grad2, _ = _core.penalty(params, star, fisher, 3.5, out)
+    assert grad2.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, grad, rtol=0, atol=0)
     theta = torch.cat([p.reshape(-1) for p in params]).double()
     d = theta - star.double()
     ref = 0.5 * 3.5 * float((fisher.double() * d * d).sum())
     assert rel(float(value), ref) <= TOL, f"seed={seed}"
     torch.testing.assert_close(grad.double(), 3.5 * fisher.double() * d, rtol=1e-6, atol=1e-6)
     for dtype in (torch.float16, torch.bfloat16):
-        _, gr = _core.penalty([p.to(dtype) for p in params], star, fisher, 3.5)
+        _, gr, _ = _core.penalty([p.to(dtype) for p in params], star, fisher, 3.5)
         assert gr.dtype == dtype
-    _, gr = _core.penalty(params, star.bfloat16(), fisher.bfloat16(), 3.5)
+    _, gr, _ = _core.penalty(params, star.bfloat16(), fisher.bfloat16(), 3.5)
     assert gr.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["too short", "wrong dtype", "slice of another tensor"])
+def test_core_penalty_rejects_bad_out(case: str) -> None:
+    p = [torch.zeros(3), torch.zeros(2, 2)]
+    s, f = torch.zeros(7), torch.ones(7)
+    out = {"too short": torch.zeros(6), "wrong dtype": torch.zeros(7, dtype=torch.float16),
+           "slice of another tensor": torch.zeros(8)[1:]}[case]
+    with pytest.raises(ValueError, match="out"):
+        _core.penalty(p, s, f, 1.0, out)
 
 
 @pytest.mark.parametrize("case, exc, word", [
@@ -966,3 +1020,110 @@ def test_large_parameters_value_precision(seed: int) -> None:
     print(f"seed={seed}: 2 x 262144 elements: value rel. error {err_v:.2e}, gradient {err_g:.2e}")
     assert err_g <= TOL, f"seed={seed}: gradient relative error {err_g:.3g}"
     assert err_v <= TOL, f"seed={seed}: value relative error {err_v:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. gradient buffer reuse and the direct (no-autograd) path
+# --------------------------------------------------------------------------------------------------
+def _consolidated_mlp(seed: int) -> tuple[nn.Module, EWC, torch.Generator, list[Pair]]:
+    g = gen(seed)
+    model, batches = task_model("mlp_bn", seed)
+    ewc = EWC(model, lam=float(torch.empty(()).uniform_(1.0, 100.0, generator=g)))
+    data = batches()
+    pairs = [(snapshot(model), fisher_of(model, data))]
+    ewc.consolidate(data)
+    return model, ewc, g, pairs
+
+
+def test_reused_buffer_never_overwrites_a_gradient_still_held(seed: int) -> None:
+    """The flat gradient buffer is reused across steps only when nothing holds its views: a
+    ``.grad`` kept by the caller after ``zero_grad()`` must keep its values."""
+    model, ewc, g, pairs = _consolidated_mlp(seed)
+    for step in range(4):
+        perturb(model, g)
+        model.zero_grad(set_to_none=True)
+        ewc.penalty(model).backward()
+        held = {n: p.grad for n, p in model.named_parameters()}  # the views themselves
+        copies = {n: t.clone() for n, t in held.items()}
+        _, ref = naive_value_and_grads(model, pairs, ewc.lam)
+        assert relative_error(copies, ref) <= TOL, f"seed={seed}, step {step}"
+        model.zero_grad(set_to_none=True)
+        perturb(model, g)
+        ewc.penalty(model).backward()  # must not write into the held tensors
+        for n in held:
+            assert torch.equal(held[n], copies[n]), f"seed={seed}, step {step}: held .grad of '{n}' changed"
+
+
+def test_zero_grad_in_place_loop_stays_correct(seed: int) -> None:
+    """``zero_grad(set_to_none=False)`` keeps the first step's views as ``.grad`` for good: every
+    later step must still add the right gradient to them."""
+    model, ewc, g, pairs = _consolidated_mlp(seed)
+    for step in range(4):
+        perturb(model, g)
+        model.zero_grad(set_to_none=False)
+        ewc.penalty(model).backward()
+        _, ref = naive_value_and_grads(model, pairs, ewc.lam)
+        err = relative_error(grads_of(model), ref)
+        assert err <= TOL, f"seed={seed}, step {step}: relative error {err:.3g}"
+
+
+def test_two_penalties_alive_at_once(seed: int) -> None:
+    """Two penalty graphs built before either backward (e.g. two losses) own distinct buffers."""
+    model, ewc, g, pairs = _consolidated_mlp(seed)
+    perturb(model, g)
+    model.zero_grad(set_to_none=True)
+    a = ewc.penalty(model)
+    b = ewc.penalty(model)
+    (a + 2.0 * b).backward()
+    _, ref = naive_value_and_grads(model, pairs, ewc.lam)
+    err = relative_error(grads_of(model), {n: 3.0 * t for n, t in ref.items()})
+    assert err <= TOL, f"seed={seed}: relative error {err:.3g}"
+
+
+def test_penalty_under_no_grad_is_a_value(seed: int) -> None:
+    model, ewc, g, pairs = _consolidated_mlp(seed)
+    perturb(model, g)
+    with torch.no_grad():
+        value = ewc.penalty(model)
+    assert not value.requires_grad
+    ref, _ = naive_value_and_grads(model, pairs, ewc.lam)
+    assert rel(float(value), ref) <= TOL, f"seed={seed}"
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "2", True, None])
+def test_backward_rejects_bad_grad_scale(bad: Any, seed: int) -> None:
+    model, ewc, _, _ = _consolidated_mlp(seed)
+    with pytest.raises(ValueError, match="grad_scale"):
+        ewc.backward(model, grad_scale=bad)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_backward_before_consolidate_adds_nothing(seed: int) -> None:
+    model, _ = task_model("mlp_bn", seed)
+    ewc = EWC(model, lam=3.0)
+    value = ewc.backward(model)
+    assert float(value) == 0.0 and all(p.grad is None for p in model.parameters())
+
+
+def test_backward_leaves_other_models_parameters_alone(seed: int) -> None:
+    """A mismatching model raises before any ``.grad`` is touched."""
+    model, ewc, _, _ = _consolidated_mlp(seed)
+    other = nn.Sequential(nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="parameter"):
+        ewc.backward(other)
+    assert all(p.grad is None for p in other.parameters())
+
+
+def test_buffer_is_reused_once_released(seed: int) -> None:
+    """The performance contract behind the CPU penalty: after ``zero_grad()`` released the
+    views, the next step writes into the same memory (no fresh, page-faulting allocation)."""
+    model, ewc, g, _ = _consolidated_mlp(seed)
+    addresses = []
+    for _ in range(3):
+        perturb(model, g)
+        model.zero_grad(set_to_none=True)
+        ewc.penalty(model).backward()
+        addresses.append(next(model.parameters()).grad.data_ptr())  # type: ignore[union-attr]
+    model.zero_grad(set_to_none=True)
+    assert addresses[1] == addresses[2], f"seed={seed}: gradient buffer not reused"

@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["__version__", "TORCH_VERSION", "fisher_accumulate", "fisher_rule_mismatch", "penalty"]
+__all__ = ["__version__", "TORCH_VERSION", "fisher_accumulate", "fisher_rule_mismatch", "penalty", "accumulate"]
 __version__: str
 TORCH_VERSION: str
 
@@ -41,6 +41,23 @@ def fisher_rule_mismatch(
     """Relative difference per slot between the rules' summed gradients and autograd's."""
 
 def penalty(
-    params: Sequence[torch.Tensor], star: torch.Tensor, fisher: torch.Tensor, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(λ/2) Σ F (θ−θ*)² as a 0-d tensor, and λF(θ−θ*) as one flat tensor."""
+    params: Sequence[torch.Tensor],
+    star: torch.Tensor,
+    fisher: torch.Tensor,
+    lam: float,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(λ/2) Σ F (θ−θ*)² as a 0-d tensor, λF(θ−θ*) as one flat tensor (``out`` if given), and
+    that tensor's views shaped like each parameter."""
+
+
+def accumulate(
+    params: Sequence[torch.Tensor],
+    star: torch.Tensor,
+    fisher: torch.Tensor,
+    lam: float,
+    scale: float,
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """Adds ``scale``·λF(θ−θ*) into the parameters' ``.grad`` in place (CPU); returns the penalty
+    and ``(index, gradient)`` for each parameter whose ``.grad`` was absent or not writable in
+    place, for the caller to install or add."""

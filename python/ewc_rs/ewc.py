@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .fisher import fisher_diag
-from .penalty import FlatGroup, FusedPenalty
+from .penalty import FlatGroup, FusedPenalty, PenaltyPlan, _module_links
 
 #: What ``params=`` accepts: names, a regex (matched with ``re.search``), or a predicate.
 ParamSelector = Union[None, Sequence[str], str, Pattern[str], Callable[[str, nn.Parameter], bool]]
@@ -124,7 +124,7 @@ class EWC:
         self._model = model
         #: One dict per stored task: {"fisher": {name: F}, "star": {name: θ*}}.
         self._pairs: list[dict[str, dict[str, torch.Tensor]]] = []
-        self._compiled: Optional[tuple[Any, ...]] = None
+        self._compiled: Optional[PenaltyPlan] = None
         self._frozen_layers: list[nn.Module] = []
         self._hooks: list[Any] = []
         if self.norm_stats == "update" and _norm_layers(model):
@@ -216,19 +216,61 @@ class EWC:
         if not self._pairs:
             first = next(model.parameters(), None)
             return torch.zeros((), device=first.device if first is not None else None)
-        params, groups, const = self._compile(model)
-        return FusedPenalty.apply(self.lam, const, groups, *params)
+        plan = self._compile(model)
+        return FusedPenalty.run(plan.evaluate(self.lam), plan, self.lam, *plan.params)
 
     __call__ = penalty
 
-    def _compile(self, model: nn.Module) -> tuple[list[torch.Tensor], list[FlatGroup], float]:
-        """Flat θ*/F buffers per (device, dtype) group, cached until the state or placement changes.
+    def backward(self, model: Optional[nn.Module] = None, *, grad_scale: float = 1.0) -> torch.Tensor:
+        """Adds the penalty's gradient λ Σ_t F_t (θ − θ*_t) to ``.grad`` directly, without autograd.
+
+        The same gradient as ``ewc.penalty(model).backward()``, computed and added in one fused
+        pass (on CPU straight into the ``.grad`` memory). Use it after ``loss.backward()`` when
+        the penalty's own autograd bookkeeping costs more than its arithmetic: PyTorch's engine
+        spends a few µs per parameter tensor, which dominates for models with hundreds of small
+        tensors (see ``benchmarks/bench_penalty.py``)::
+
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            ewc.backward(model)        # instead of adding ewc.penalty(model) to the loss
+            opt.step()
+
+        ``.grad`` is created where absent; parameters with ``requires_grad=False`` are left
+        alone. Before any ``consolidate`` nothing is added.
+
+        Args:
+            model: the model being trained (defaults to the one given at construction).
+            grad_scale: multiplies the added gradient (not the returned value), e.g.
+                ``scaler.get_scale()`` when the loss was scaled by a ``torch.amp.GradScaler``.
+
+        Returns:
+            The penalty's value, a detached 0-d float32 tensor (for logging).
+
+        Raises:
+            ValueError: a consolidated parameter is missing from ``model`` or changed shape, or
+                ``grad_scale`` is not a finite number.
+        """
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
+            raise ValueError(f"grad_scale: expected a finite number, got {grad_scale!r}")
+        model = self._model if model is None else model
+        if not self._pairs:
+            first = next(model.parameters(), None)
+            return torch.zeros((), device=first.device if first is not None else None)
+        with torch.no_grad():
+            return self._compile(model).accumulate(self.lam, float(grad_scale))
+
+    def _compile(self, model: nn.Module) -> PenaltyPlan:
+        """The penalty plan for ``model``: cached, rebuilt when the state, the model's parameter
+        objects or their placement change.
 
         All stored tasks are folded into one quadratic per weight:
         Σ_t F_t (θ − θ*_t)² = F (θ − m)² + c with F = Σ_t F_t, m = Σ_t F_t θ*_t / F and
         c = Σ_t F_t θ*_t² − F m² (≥ 0, summed in float64), so the penalty is one pass whatever the
         number of tasks.
         """
+        plan = self._compiled
+        if plan is not None and plan.matches(model):
+            return plan
         named = dict(model.named_parameters())
         names = sorted({n for pair in self._pairs for n in pair["fisher"]})
         for n in names:
@@ -240,35 +282,34 @@ class EWC:
                         f"model: parameter '{n}' has shape {tuple(named[n].shape)} but was consolidated "
                         f"with shape {tuple(pair['fisher'][n].shape)}"
                     )
-        params = [named[n] for n in names]
-        key = (id(model), tuple((n, p.device, p.dtype, p.data_ptr()) for n, p in zip(names, params)))
-        if self._compiled is not None and self._compiled[0] == key:
-            return params, self._compiled[1], self._compiled[2]
+        params: list[torch.Tensor] = [named[n] for n in names]
         by_group: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             by_group.setdefault((p.device, p.dtype), []).append(i)
         groups, const = [], 0.0
-        for (device, _), index in by_group.items():
+        for (device, dtype), index in by_group.items():
             stars, fishers = [], []
             for i in index:
                 n = names[i]
                 terms = [(pair["fisher"][n].to(device, torch.float64), pair["star"][n].to(device, torch.float64))
                          for pair in self._pairs if n in pair["fisher"]]
-                f_tot = sum(f for f, _ in terms)
-                fs_tot = sum(f * s for f, s in terms)
+                f_tot = torch.stack([f for f, _ in terms]).sum(0)
+                fs_tot = torch.stack([f * s for f, s in terms]).sum(0)
                 m = torch.where(f_tot > 0, fs_tot / f_tot.clamp_min(1e-300), terms[-1][1])
-                const += float(sum((f * s * s).sum() for f, s in terms) - (f_tot * m * m).sum())
+                const += float(sum(float((f * s * s).sum()) for f, s in terms) - float((f_tot * m * m).sum()))
                 stars.append(m.reshape(-1))
                 fishers.append(f_tot.reshape(-1))
             groups.append(FlatGroup(
                 index=index,
-                shapes=[params[i].shape for i in index],
+                params=[params[i] for i in index],
+                device=device,
+                dtype=dtype,
                 star=torch.cat(stars).to(self.storage_dtype),
                 fisher=torch.cat(fishers).to(self.storage_dtype),
             ))
-        const = max(const, 0.0)
-        self._compiled = (key, groups, const)
-        return params, groups, const
+        plan = PenaltyPlan(model, names, params, groups, max(const, 0.0), _module_links(model))
+        self._compiled = plan
+        return plan
 
     # ----------------------------------------------------------------- norm statistics
     def _freeze_norm_stats(self) -> None:

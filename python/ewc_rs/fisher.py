@@ -70,7 +70,9 @@ def _plan(model: nn.Module) -> _Plan:
     A parameter gets the rule path only if every module that owns it has a rule; otherwise (a
     custom module with raw parameters, an RNN, attention, ...) it goes to the exact fallback.
     """
-    names, params, slot_of = [], [], {}
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    slot_of: dict[int, int] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             slot_of[id(p)] = len(params)
@@ -85,7 +87,7 @@ def _plan(model: nn.Module) -> _Plan:
         if spec is None or any(k not in ("weight", "bias") for k, _ in own):
             plan.fallback.update(slot_of[id(p)] for _, p in own)
             continue
-        slots = [None, None]
+        slots: list[Optional[int]] = [None, None]
         for k, p in own:
             slots[0 if k == "weight" else 1] = slot_of[id(p)]
         plan.sites.append(_Site(module, spec, slots))
@@ -298,7 +300,7 @@ def fisher_diag(
     budget = _budget_bytes()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         bar = tqdm(total=num_samples, unit="sample", desc=f"Fisher ({kind})")
 

@@ -7,7 +7,7 @@ instance's configuration is not covered" and its parameters go to the exact fall
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,19 +37,19 @@ def rule_for(module: nn.Module) -> Optional[RuleSpec]:
 
 
 @register_rule(nn.Linear)
-def _linear(m: nn.Module) -> Optional[RuleSpec]:
+def _linear(m: Any) -> Optional[RuleSpec]:
     return ("linear", [], [], [])
 
 
-def _explicit_padding(m: nn.Module) -> Optional[list[int]]:
+def _explicit_padding(m: Any) -> Optional[list[int]]:
     """Padding as integers; string padding ('same', 'valid') when it is symmetric, else None."""
-    pad = m.padding  # type: ignore[attr-defined]
+    pad = m.padding
     if not isinstance(pad, str):
         return list(pad)
     if pad == "valid":
-        return [0] * len(m.kernel_size)  # type: ignore[attr-defined]
+        return [0] * len(m.kernel_size)
     out = []
-    for k, d in zip(m.kernel_size, m.dilation):  # type: ignore[attr-defined]
+    for k, d in zip(m.kernel_size, m.dilation):
         total = d * (k - 1)
         if total % 2:
             return None  # asymmetric 'same' padding: leave it to the fallback
@@ -58,39 +58,39 @@ def _explicit_padding(m: nn.Module) -> Optional[list[int]]:
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
-def _conv(m: nn.Module) -> Optional[RuleSpec]:
-    if m.padding_mode != "zeros":  # type: ignore[attr-defined]
+def _conv(m: Any) -> Optional[RuleSpec]:
+    if m.padding_mode != "zeros":
         return None
     pad = _explicit_padding(m)
     if pad is None:
         return None
-    k = list(m.kernel_size)  # type: ignore[attr-defined]
-    ints = [len(k), *k, *m.stride, *pad, *m.dilation, m.groups]  # type: ignore[attr-defined]
+    k = list(m.kernel_size)
+    ints = [len(k), *k, *m.stride, *pad, *m.dilation, m.groups]
     return ("conv", ints, [], [])
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
-def _batch_norm(m: nn.Module) -> Optional[RuleSpec]:
+def _batch_norm(m: Any) -> Optional[RuleSpec]:
     # Without running statistics, eval mode normalises with batch statistics: samples interact.
-    if m.running_mean is None or m.running_var is None:  # type: ignore[attr-defined]
+    if m.running_mean is None or m.running_var is None:
         return None
-    return ("batch_norm", [], [m.eps], [m.running_mean, m.running_var])  # type: ignore[attr-defined,list-item]
+    return ("batch_norm", [], [m.eps], [m.running_mean, m.running_var])
 
 
 @register_rule(nn.LayerNorm)
-def _layer_norm(m: nn.Module) -> Optional[RuleSpec]:
-    return ("layer_norm", [len(m.normalized_shape)], [m.eps], [])  # type: ignore[attr-defined,arg-type]
+def _layer_norm(m: Any) -> Optional[RuleSpec]:
+    return ("layer_norm", [len(m.normalized_shape)], [m.eps], [])
 
 
 @register_rule(nn.GroupNorm)
-def _group_norm(m: nn.Module) -> Optional[RuleSpec]:
-    return ("group_norm", [m.num_groups], [m.eps], [])  # type: ignore[attr-defined,list-item]
+def _group_norm(m: Any) -> Optional[RuleSpec]:
+    return ("group_norm", [m.num_groups], [m.eps], [])
 
 
 @register_rule(nn.Embedding)
-def _embedding(m: nn.Module) -> Optional[RuleSpec]:
+def _embedding(m: Any) -> Optional[RuleSpec]:
     # max_norm renormalises the table inside forward; scale_grad_by_freq couples samples.
-    if m.max_norm is not None or m.scale_grad_by_freq:  # type: ignore[attr-defined]
+    if m.max_norm is not None or m.scale_grad_by_freq:
         return None
-    pad = m.padding_idx  # type: ignore[attr-defined]
-    return ("embedding", [m.num_embeddings, -1 if pad is None else pad], [], [])  # type: ignore[list-item]
+    pad = m.padding_idx
+    return ("embedding", [m.num_embeddings, -1 if pad is None else pad], [], [])

@@ -1,14 +1,33 @@
-"""Autograd glue for the fused penalty: the value and the gradient come from one Rust pass."""
+"""The fused penalty's plan and its autograd glue: value and gradient come from one Rust pass.
+
+A :class:`PenaltyPlan` is built once per consolidation (and model placement): θ* and F as flat
+buffers per (device, dtype) group of parameters. Each training step then costs one Rust call per
+group, plus a cheap check that the model still holds the same parameter objects.
+"""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch import nn
 
 from . import _core
+
+# Count of owners of a tensor's storage (torch is pinned, so the private helper is stable).
+_storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _sole_owner(buffer: torch.Tensor) -> bool:
+    """True when no tensor but ``buffer`` itself uses its memory (e.g. no ``.grad`` views it).
+
+    Asking creates one temporary storage reference, hence the 2.
+    """
+    if _storage_use_count is None:
+        return False
+    return _storage_use_count(buffer.untyped_storage()._cdata) <= 2
 
 
 @dataclass
@@ -19,10 +38,108 @@ class FlatGroup:
     Σ_t F_t (θ − θ*_t)² = F (θ − θ*)² + const, with F = Σ_t F_t and θ* the F-weighted mean.
     """
 
-    index: list[int]  # positions of this group's parameters in the penalty's parameter list
-    shapes: list[torch.Size]
+    index: list[int]  # positions of this group's parameters in the plan's parameter list
+    params: list[torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
     star: torch.Tensor
     fisher: torch.Tensor
+    # The last gradient buffer. Reused when nothing else holds it any more (the usual case once
+    # `zero_grad()` dropped the `.grad` views): a fresh allocation of a large buffer costs page
+    # faults that take longer than the pass itself.
+    buffer: Optional[torch.Tensor] = None
+
+    def evaluate(self, lam: float, *, reuse: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        out = self.buffer if reuse and self.buffer is not None and _sole_owner(self.buffer) else None
+        value, flat, views = _core.penalty(self.params, self.star, self.fisher, lam, out)
+        if reuse:
+            self.buffer = flat
+        return value, flat, views
+
+
+def _module_links(model: nn.Module) -> list[tuple[dict, str, Any]]:
+    """(dict, key, object) for every submodule and parameter slot of ``model``.
+
+    While each ``dict[key] is object`` still holds, ``model.named_parameters()`` would return the
+    same parameter objects under the same names, so a plan built on them is still valid.
+    """
+    links: list[tuple[dict, str, Any]] = []
+    for module in model.modules():
+        links.extend((module._modules, k, v) for k, v in module._modules.items())
+        links.extend((module._parameters, k, v) for k, v in module._parameters.items())
+    return links
+
+
+@dataclass
+class Evaluation:
+    """One penalty evaluation, handed to :class:`FusedPenalty` (a plain object, not a tensor, so
+    autograd does not treat it as an input)."""
+
+    value: torch.Tensor
+    flats: list[torch.Tensor]
+    grads: list[Optional[torch.Tensor]]  # per parameter of the plan, views into ``flats``
+
+
+@dataclass
+class PenaltyPlan:
+    """Everything a training step needs: parameters in order, their groups, and the constant."""
+
+    model: nn.Module
+    names: list[str]
+    params: list[torch.Tensor]
+    groups: list[FlatGroup]
+    const: float
+    links: list[tuple[dict, str, Any]] = field(default_factory=list)
+
+    def matches(self, model: nn.Module) -> bool:
+        """Same model, same parameter objects, each group still on its device and dtype."""
+        if model is not self.model or not all(d.get(k) is o for d, k, o in self.links):
+            return False
+        return all(p.device == g.device and p.dtype == g.dtype for g in self.groups for p in g.params)
+
+    def evaluate(self, lam: float, *, reuse: bool = True) -> Evaluation:
+        total: Optional[torch.Tensor] = None
+        flats: list[torch.Tensor] = []
+        grads: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        for g in self.groups:
+            value, flat, views = g.evaluate(lam, reuse=reuse)
+            total = value if total is None else total + value.to(total.device)
+            flats.append(flat)
+            for i, v in zip(g.index, views):
+                grads[i] = v
+        assert total is not None
+        if self.const:
+            total = total + 0.5 * lam * self.const
+        return Evaluation(total, flats, grads)
+
+    def accumulate(self, lam: float, scale: float) -> torch.Tensor:
+        """Adds ``scale``·λF(θ−θ*) to each parameter's ``.grad`` as ``backward()`` would (only
+        parameters that require grad; ``.grad`` created when absent); returns the penalty."""
+        total: Optional[torch.Tensor] = None
+        for g in self.groups:
+            params = g.params
+            if g.device.type == "cpu":  # one fused pass straight into the .grad memory
+                value, pending = _core.accumulate(params, g.star, g.fisher, lam, scale)
+            else:  # flat gradient, then one multi-tensor add
+                value, flat, views = _core.penalty(params, g.star, g.fisher, lam)
+                if scale != 1.0:
+                    flat.mul_(scale)
+                wants = [i for i, p in enumerate(params) if p.requires_grad]
+                have = [i for i in wants if params[i].grad is not None]
+                if have:
+                    torch._foreach_add_([params[i].grad for i in have], [views[i] for i in have])  # type: ignore[misc]
+                pending = [(i, views[i]) for i in wants if params[i].grad is None]
+            for i, t in pending:
+                p = params[i]
+                if p.grad is None:
+                    p.grad = t
+                else:  # a .grad of another dtype or layout
+                    p.grad.add_(t)
+            total = value if total is None else total + value.to(total.device)
+        assert total is not None
+        if self.const:
+            total = total + 0.5 * lam * self.const
+        return total
 
 
 _TWICE = (
@@ -65,48 +182,48 @@ def _first_order_only(backward: Callable[..., tuple]) -> Callable[..., tuple]:
 
 
 class FusedPenalty(torch.autograd.Function):
-    """P = (λ/2) Σ F (θ−θ*)² + (λ/2)·const; backward returns the gradient computed with P."""
+    """Returns an :class:`Evaluation`'s value; backward hands out its precomputed gradient.
+
+    Call :meth:`run` rather than ``apply``: the same, minus ``Function.apply``'s per-argument
+    scan for dead functorch wrappers (about 1 µs per parameter) when no functorch transform is
+    active, which is always the case for an EWC penalty outside ``vmap``/``grad``.
+    """
+
+    @classmethod
+    def run(cls, evaluation: Evaluation, plan: PenaltyPlan, lam: float, *params: torch.Tensor) -> torch.Tensor:
+        if torch._C._are_functorch_transforms_active():
+            return cls.apply(evaluation, plan, lam, *params)
+        return super(torch.autograd.Function, cls).apply(evaluation, plan, lam, *params)  # type: ignore[misc]
 
     @staticmethod
-    def forward(ctx: Any, lam: float, const: float, groups: Sequence[FlatGroup], *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        total = None
-        flats = []
-        for g in groups:
-            value, grad = _core.penalty([params[i].detach() for i in g.index], g.star, g.fisher, lam)
-            total = value if total is None else total + value.to(total.device)
-            flats.append(grad)
-        assert total is not None
-        ctx.groups = groups
-        ctx.flats = flats
-        ctx.nparams = len(params)
+    def forward(ctx: Any, evaluation: Evaluation, plan: PenaltyPlan, lam: float, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.evaluation = evaluation
+        ctx.plan = plan
         ctx.lam = lam
         # Plain references (no saved-tensor version check): used to tie the double-backward error
         # node and to recompute the gradient when backward runs again (retain_graph=True).
         ctx.params = params
         ctx.versions = [p._version for p in params]
-        return total + 0.5 * lam * const
+        return evaluation.value
 
     @staticmethod
     @_first_order_only
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
-        grads: list = [None] * ctx.nparams
-        unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
-        flats = ctx.flats
-        if flats is None:  # a second backward through a retained graph: recompute the gradient
+        evaluation: Optional[Evaluation] = ctx.evaluation
+        # Dropped now: the views become `.grad` without a copy only when nothing else holds them,
+        # and the buffers must be free for the next step.
+        ctx.evaluation = None
+        if evaluation is None:  # a second backward through a retained graph: recompute
             if any(p._version != v for p, v in zip(ctx.params, ctx.versions)):
                 raise RuntimeError(
                     "ewc_rs: a parameter was modified in place after the penalty was computed; "
                     "cannot run its backward again (compute the penalty anew)"
                 )
-            flats = [
-                _core.penalty([ctx.params[i].detach() for i in g.index], g.star, g.fisher, ctx.lam)[1]
-                for g in ctx.groups
-            ]
-        for g, flat in zip(ctx.groups, flats):
-            if not unit:
-                flat = flat * grad_out.to(flat.device, flat.dtype)
-            sizes = [int(torch.Size(s).numel()) for s in g.shapes]
-            for i, piece, shape in zip(g.index, flat.split(sizes), g.shapes):
-                grads[i] = piece.view(shape)
-        ctx.flats = None  # frees the flat gradient even if the caller keeps the loss alive
+            evaluation = ctx.plan.evaluate(ctx.lam, reuse=False)
+        unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+        if not unit:  # scale the flat buffers in place: one kernel per group, views follow
+            for flat in evaluation.flats:
+                flat.mul_(grad_out.to(flat.device, flat.dtype))
+        grads = evaluation.grads
+        evaluation = None
         return (None, None, None, *grads)

@@ -110,7 +110,7 @@ def train_task(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         bar = tqdm(total=epochs * len(loader), desc=progress if isinstance(progress, str) else "train",
                    leave=False)
