@@ -402,10 +402,13 @@ def _not_per_sample(out: torch.Tensor, calls: list[tuple[_Site, torch.Tensor, to
             for s in site.slots if s is not None}
 
 
-def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: _Plan,
-                recorder: _Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
-    """One batch through the rules, then the fallback parameters sample by sample."""
+#: Samples of the first batch that the once-per-estimation rule checks run on: enough for every
+#: use of a parameter to show up, few enough to cost little next to the estimation itself.
+_CHECK_SAMPLES = 16
+
+
+def _recorded_forward(model: nn.Module, x: Any, recorder: _Recorder) -> torch.Tensor:
+    """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""
     while True:
         recorder.calls = []
         recorder.enabled = True
@@ -417,31 +420,59 @@ def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: 
         if modified and not recorder.clone_outputs:
             recorder.clone_outputs = True  # an in-place op touched a recorded output: record copies
             continue
-        break
-    # Calls the rules cannot interpret (non-tensor input, batch not in dim 0) go to the fallback.
+        return out
+
+
+def _drop_uninterpretable(plan: _Plan, recorder: _Recorder, n: int) -> None:
+    """Calls the rules cannot interpret (non-tensor input, batch not in dim 0) go to the fallback."""
     bad = {s for site, inp, _, v in recorder.calls if v < 0 or inp.shape[:1] != (n,)
            for s in site.slots if s is not None}
     if bad:
         plan.drop_from_rules(bad)
+
+
+def _captures(recorder: _Recorder) -> list[tuple]:
+    return [(site.spec[0], inp, o, site.slots[0], site.slots[1], list(site.spec[1]),
+             list(site.spec[2]), list(site.spec[3]))
+            for site, inp, o, v in recorder.calls
+            if v >= 0 and any(s is not None for s in site.slots)]
+
+
+def _check_rules(model: nn.Module, x: Any, y: Any, n: int, kind: str, lik: str,
+                 likelihood: Union[str, LikelihoodFn], plan: _Plan, recorder: _Recorder, budget: int) -> None:
+    """Once per estimation, on the first samples of the first batch: hands to the fallback every
+    parameter whose rule would be wrong, i.e. where dim 0 of a recorded call is not the sample
+    index, or where the parameter is also used outside the layer that owns it."""
+    k = min(n, _CHECK_SAMPLES)
+    sliceable = all(isinstance(v, (torch.Tensor, tuple, list, dict)) for v in (x, y))
+    if k < n and sliceable:
+        x, y, n = _take(x, slice(0, k)), _take(y, slice(0, k)), k
+    out = _recorded_forward(model, x, recorder)
+    if not recorder.calls:
+        return
+    _drop_uninterpretable(plan, recorder, n)
+    plan.drop_from_rules(_not_per_sample(out, recorder.calls, n))
+    # Any root serves the comparison; `exact` needs no random draws (mc's generator stays untouched).
+    check_kind = "exact" if kind == "mc" else kind
+    rule_slots = sorted({s for site, *_ in recorder.calls for s in site.slots if s is not None})
+    pairs = [(s, plan.params[s]) for s in rule_slots]
+    mism = _core.fisher_rule_mismatch(out, y, check_kind, lik, None, _loglik(likelihood, out, y),
+                                      _captures(recorder), pairs, budget)
+    plan.drop_from_rules(s for s, err in mism if err > _MISMATCH_TOL)
+
+
+def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
+                kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: _Plan,
+                recorder: _Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
+    """One batch through the rules, then the fallback parameters sample by sample."""
+    if not checked:
+        _check_rules(model, x, y, n, kind, lik, likelihood, plan, recorder, budget)
+        checked = True
+    out = _recorded_forward(model, x, recorder)
+    _drop_uninterpretable(plan, recorder, n)
     mc = _draw_mc(out, lik, mc_samples, generator) if kind == "mc" else None
     ll = _loglik(likelihood, out, y)
-
-    def captures() -> list[tuple]:
-        return [(site.spec[0], inp, o, site.slots[0], site.slots[1], list(site.spec[1]),
-                 list(site.spec[2]), list(site.spec[3]))
-                for site, inp, o, v in recorder.calls
-                if v >= 0 and any(s is not None for s in site.slots)]
-
-    if not checked and recorder.calls:
-        # Once per estimation: is dim 0 of every recorded call the sample index?
-        plan.drop_from_rules(_not_per_sample(out, recorder.calls, n))
-        # Do the rules see every use of their parameters?
-        rule_slots = sorted({s for site, *_ in recorder.calls for s in site.slots if s is not None})
-        pairs = [(s, plan.params[s]) for s in rule_slots]
-        mism = _core.fisher_rule_mismatch(out, y, kind, lik, mc, ll, captures(), pairs, budget)
-        plan.drop_from_rules(s for s, err in mism if err > _MISMATCH_TOL)
-        checked = True
-    _core.fisher_accumulate(out, y, kind, lik, mc, ll, captures(), [], accs, plan.names, budget)
+    _core.fisher_accumulate(out, y, kind, lik, mc, ll, _captures(recorder), [], accs, plan.names, budget)
 
     if plan.fallback:
         _fallback_step(model, x, y, n, lik, likelihood, kind, mc, plan, accs, budget)

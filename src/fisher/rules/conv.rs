@@ -1,5 +1,5 @@
 //! `nn.Conv1d` / `nn.Conv2d` (zero padding, any stride, dilation and groups): the per-sample
-//! weight gradient is g_n · unfold(a_n)ᵀ per group, computed with im2col and a batched matmul.
+//! weight gradient is g_n · unfold(a_n)ᵀ per group, an unfold and a batched matmul.
 
 use super::Slots;
 use crate::error::{value_err, Context, Result};
@@ -78,6 +78,44 @@ impl ConvGeometry {
     }
 }
 
+/// `[N, C, H, W]` → `[N, C·kh·kw, L]`, the columns a convolution multiplies (as `im2col`).
+/// Built as one strided view of the zero-padded input and one copy: several times faster than
+/// libtorch's CPU `im2col`, which loops over samples.
+fn unfold(a: &Tensor, k: [i64; 2], s: [i64; 2], p: [i64; 2], d: [i64; 2]) -> Result<Tensor> {
+    let padded = if p == [0, 0] {
+        a.contiguous()
+    } else {
+        a.f_constant_pad_nd([p[1], p[1], p[0], p[0]])
+            .ctx("conv rule (pad)")?
+    };
+    let size = padded.size();
+    let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
+    let oh = (h - d[0] * (k[0] - 1) - 1) / s[0] + 1;
+    let ow = (w - d[1] * (k[1] - 1) - 1) / s[1] + 1;
+    if oh <= 0 || ow <= 0 {
+        return value_err(format!(
+            "conv rule: input of spatial size {:?} is smaller than the kernel {k:?}",
+            &size[2..]
+        ));
+    }
+    let st = padded.stride();
+    padded
+        .f_as_strided(
+            [n, c, k[0], k[1], oh, ow],
+            [
+                st[0],
+                st[1],
+                st[2] * d[0],
+                st[3] * d[1],
+                st[2] * s[0],
+                st[3] * s[1],
+            ],
+            None,
+        )
+        .and_then(|v| v.f_reshape([n, c * k[0] * k[1], oh * ow]))
+        .ctx("conv rule (unfold)")
+}
+
 pub fn per_sample(geo: &ConvGeometry, a: &Tensor, g: &Tensor, want: [bool; 2]) -> Result<Slots> {
     let n = a.size()[0];
     let (a, g) = if geo.dims == 1 {
@@ -91,10 +129,7 @@ pub fn per_sample(geo: &ConvGeometry, a: &Tensor, g: &Tensor, want: [bool; 2]) -
     let g3 = g.reshape([n, gr, cout / gr, -1]);
     let w = if want[0] {
         let (k, s, p, d) = geo.as_2d();
-        let unf = a
-            .to_kind(Kind::Float)
-            .f_im2col(k, d, p, s)
-            .ctx("conv rule (im2col)")?;
+        let unf = unfold(&a.to_kind(Kind::Float), k, s, p, d)?;
         let kk = k[0] * k[1];
         let unf = unf.reshape([n, gr, (cin / gr) * kk, -1]);
         if unf.size()[3] != g3.size()[3] {
