@@ -97,9 +97,9 @@ class EWC:
         norm_stats: ``"freeze"`` (default) or ``"update"``.
         storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for F and θ*, halving
             their memory. Cost: bfloat16 keeps 8 significant bits, so each stored θ*_i and F_i
-            is off by up to 2⁻⁹ of its magnitude (≈0.2%); the penalty then measures
-            θ − θ* against a rounded anchor, an error of about 2⁻⁹|θ*| per weight, which matters
-            when the weights have moved less than that. Measured in ``tests/test_ewc.py``.
+            is off by up to 2⁻⁸ of its magnitude (≈0.4%, round to nearest); the penalty then
+            measures θ − θ* against a rounded anchor, an error of up to 2⁻⁸|θ*| per weight, which
+            matters when the weights have moved less than that. Measured in ``tests/test_ewc.py``.
     """
 
     def __init__(
