@@ -1,0 +1,43 @@
+"""Smoke tests of the benchmark scripts: they run end to end in a tiny setting, write their JSON
+(into a temporary folder, not over the quoted results), and ewc_rs agrees with the baselines
+there. Timings are recorded, never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, args: list[str], out: Path) -> dict:
+    env = {**os.environ, "EWC_RS_BENCH_RESULTS": str(out)}
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_bench_penalty_runs_and_agrees(tmp_path: Path) -> None:
+    res = run("bench_penalty.py", ["--models", "seed_mlp", "transformer_d64x12", "--repeats", "2"], tmp_path)
+    for name, r in res["results"].items():
+        assert set(r["times_s"]) == {"seed_loop", "ewc_rs", "ewc_rs_direct", "engine", "floor"}, name
+        assert all(t > 0 for t in r["times_s"].values()), name
+        # the script checks ewc_rs (both paths) against the seed's formula before timing
+        assert r["value_rel_err"] <= 1e-5 and r["grad_max_rel_err"] <= 1e-5, (name, r)
+
+
+def test_bench_fisher_runs(tmp_path: Path) -> None:
+    res = run("bench_fisher.py", ["--models", "seed_mlp", "--samples", "200", "--repeats", "1"], tmp_path)
+    times = res["results"]["seed_mlp"]["times_s"]
+    agree = res["results"]["seed_mlp"]["rel_error_vs_loop"]
+    assert agree["ewc_rs:empirical"] <= 1e-4, agree  # the loop runs in float32
+    assert agree["seed_batched"] > 0.5, agree  # the seed's estimator is far off (≈1/batch size)
+    for method in ("fwd_bwd", "seed_batched", "loop", "vmap", "ewc_rs:empirical", "ewc_rs:exact",
+                   "ewc_rs:mc", "ewc_rs:batched"):
+        assert times[method] is not None and times[method] > 0, method
