@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from . import _core
+from .attention import Decomposed
+from .attention import eligible as attention_eligible
 from .layers import RuleSpec, rule_for
 
 KINDS = ("exact", "mc", "empirical", "batched")
@@ -55,6 +57,8 @@ class _Plan:
     fallback: set[int] = field(default_factory=set)
     #: Whether ``torch.func.vmap`` handles the fallback for this model (None: not tried yet).
     vmap_ok: Optional[bool] = None
+    #: Attention layers whose projections run through Linear proxies while recording.
+    attention: list[Decomposed] = field(default_factory=list)
 
     def drop_from_rules(self, slots: Iterable[int]) -> None:
         """Sends ``slots`` to the exact per-sample fallback."""
@@ -68,7 +72,8 @@ def _plan(model: nn.Module) -> _Plan:
     """Assigns each trainable parameter a slot and decides rule or fallback for it.
 
     A parameter gets the rule path only if every module that owns it has a rule; otherwise (a
-    custom module with raw parameters, an RNN, attention, ...) it goes to the exact fallback.
+    custom module with raw parameters, an RNN, cross-attention, ...) it goes to the exact fallback;
+    self-attention layers go through `attention.Decomposed` (two Linear proxies).
     """
     names: list[str] = []
     params: list[torch.Tensor] = []
@@ -79,8 +84,15 @@ def _plan(model: nn.Module) -> _Plan:
             names.append(name)
             params.append(p)
     plan = _Plan(names, params, [])
+
+    def to_fallback(ps: list[torch.Tensor]) -> None:
+        plan.drop_from_rules(slot_of[id(p)] for p in ps if id(p) in slot_of)
+
+    plan.attention = [Decomposed(m, to_fallback) for m in model.modules() if attention_eligible(m)]
+    covered = {id(p) for a in plan.attention for p in a.parameters()}
     for module in model.modules():
-        own = [(k, p) for k, p in module._parameters.items() if p is not None and id(p) in slot_of]
+        own = [(k, p) for k, p in module._parameters.items()
+               if p is not None and id(p) in slot_of and id(p) not in covered]
         if not own:
             continue
         spec = rule_for(module)
@@ -91,6 +103,11 @@ def _plan(model: nn.Module) -> _Plan:
         for k, p in own:
             slots[0 if k == "weight" else 1] = slot_of[id(p)]
         plan.sites.append(_Site(module, spec, slots))
+    for a in plan.attention:
+        for proxy in (a.in_proj, a.out_proj):
+            bias = proxy.bias
+            pslots = [slot_of.get(id(proxy.weight)), None if bias is None else slot_of.get(id(bias))]
+            plan.sites.append(_Site(proxy, ("linear", [], [], []), pslots))
     plan.drop_from_rules(set(plan.fallback))
     plan.sites = [s for s in plan.sites if any(x is not None for x in s.slots)]
     return plan
@@ -107,6 +124,8 @@ class _Recorder:
         self.handles = [
             s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in plan.sites
         ]
+        for a in plan.attention:
+            a.install()
 
     def _hook(self, site: _Site) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -127,6 +146,8 @@ class _Recorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for a in self.plan.attention:
+            a.remove()
 
 
 @contextmanager
@@ -412,10 +433,14 @@ def _recorded_forward(model: nn.Module, x: Any, recorder: _Recorder) -> torch.Te
     while True:
         recorder.calls = []
         recorder.enabled = True
+        for a in recorder.plan.attention:
+            a.recording = True
         try:
             out = _check_outputs(_forward(model, x))
         finally:
             recorder.enabled = False
+            for a in recorder.plan.attention:
+                a.recording = False
         modified = any(v >= 0 and o._version != v for _, _, o, v in recorder.calls)
         if modified and not recorder.clone_outputs:
             recorder.clone_outputs = True  # an in-place op touched a recorded output: record copies
