@@ -8,8 +8,6 @@ the seed is printed (``EWC_TEST_SEED`` pins it).
 
 from __future__ import annotations
 
-import os
-import secrets
 from typing import Any, Callable, Optional
 
 import pytest
@@ -22,14 +20,6 @@ from reference import reference_fisher, relative_error
 
 TOL = 1e-4
 E, H, T, C = 8, 2, 5, 4  # embedding, heads, tokens, classes
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("EWC_TEST_SEED")
-    s = int(env) if env else secrets.randbits(31)
-    print(f"seed={s} (re-run with EWC_TEST_SEED={s})")
-    return s
 
 
 class Attn(nn.Module):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
-import secrets
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,15 +35,6 @@ Pair = tuple[dict[str, Tensor], dict[str, Tensor]]  # (θ*, F) of one task
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (``EWC_TEST_SEED`` pins it); printed, shown by pytest on failure."""
-    env = os.environ.get("EWC_TEST_SEED")
-    s = int(env) if env else secrets.randbits(31)
-    print(f"seed={s} (re-run with EWC_TEST_SEED={s})")
-    return s
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
