@@ -96,13 +96,13 @@ def attention_slots_in_fallback(model: nn.Module, data: list, kind: str, monkeyp
     """Runs ``fisher_diag`` and reports whether the attention layer's parameters ended up in the
     per-sample fallback (rather than the rules, through the decomposition)."""
     plans = []
-    real = fisher_mod._plan
+    real = fisher_mod.make_plan
 
     def spy(m: nn.Module) -> Any:
         plans.append(real(m))
         return plans[-1]
 
-    monkeypatch.setattr(fisher_mod, "_plan", spy)
+    monkeypatch.setattr(fisher_mod, "make_plan", spy)
     fisher_diag(model, data, kind=kind)
     plan = plans[-1]
     slots = {i for i, n in enumerate(plan.names) if ".self_attn." in n or n.startswith("attn.")}

@@ -755,3 +755,25 @@ def test_progress_bar(num_samples: Optional[int], capsys: pytest.CaptureFixture[
     ctx = _msg(num_samples=num_samples)
     assert "Fisher (exact)" in err, f"{ctx}: no progress bar in stderr: {err!r}"
     _check_close(shown, plain, 1e-6, f"{ctx} progress vs none")
+
+
+# --------------------------------------------------------------------------------------------------
+# the one-sample-at-a-time fallback (taken when a model cannot be vmapped)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
+@pytest.mark.parametrize("name", ["raw_params", "lstm", "tied_modules", "regression"])
+def test_per_sample_loop_fallback_matches_reference(name: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ewc_rs.fallback
+
+    monkeypatch.setattr(ewc_rs.fallback, "USE_VMAP_FALLBACK", False)
+    model, batches = _make(name)
+    lik = _likelihood(name)
+    if kind == "mc":  # same draws on both sides: many of them, against exact
+        got = fisher_diag(model, batches, kind="mc", likelihood=lik, mc_samples=1000,
+                          generator=torch.Generator().manual_seed(SEED))
+        want = reference_fisher(model, batches, kind="exact", likelihood=lik)
+        _check_close(got, want, 0.2, _msg(model=name, kind="mc vs exact, per-sample loop"))
+        return
+    got = fisher_diag(model, batches, kind=kind, likelihood=lik)
+    want = reference_fisher(model, batches, kind=kind, likelihood=lik)
+    _check_close(got, want, TOL, _msg(model=name, kind=kind, fallback="per-sample loop"))

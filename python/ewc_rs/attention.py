@@ -23,7 +23,6 @@ import math
 from typing import Callable, Optional, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: Relative difference between the decomposed and the original forward that counts as "not the

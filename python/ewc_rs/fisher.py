@@ -3,33 +3,30 @@
 Definitions (van de Ven 2025 names): per-sample log-likelihood ℓ_n(θ) = log p(y_n | x_n, θ);
 diagonal Fisher F = (1/N) Σ_n (∇θ ℓ_n)², the mean of squared **per-sample** gradients.
 
-This module is the Python half of the engine: it records layer calls with forward hooks, moves
-batches to the model's device, samples labels for ``mc`` and handles the exact per-sample fallback
-for modules without a rule. The maths (likelihood roots, backward passes, per-layer rules,
-accumulation) runs in Rust, ``ewc_rs._core``, with the GIL released.
+This module is the Python half of the engine's driver: the batch loop, validation, ``mc`` label
+draws and the once-per-estimation rule checks. Beside it: ``recording`` (which parameters the
+rules cover; forward hooks), ``attention`` (self-attention as Linear proxies), ``fallback`` (exact
+per-sample path for the rest) and ``batches`` (batch handling). The maths (likelihood roots,
+backward passes, per-layer rules, accumulation) runs in Rust, ``ewc_rs._core``, with the GIL
+released.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from . import _core
-from .attention import Decomposed
-from .attention import eligible as attention_eligible
-from .layers import RuleSpec, rule_for
+from .batches import LikelihoodFn, batch_size, call_model, check_outputs, loglik, take, to_device, unpack
+from .fallback import fallback_step
+from .recording import Plan, Recorder, Site, make_plan
 
 KINDS = ("exact", "mc", "empirical", "batched")
 LIKELIHOODS = ("categorical", "gaussian")
-
-#: A callable likelihood: ``(outputs, targets) -> per-sample log-likelihood [N]``.
-LikelihoodFn = Callable[[Any, Any], torch.Tensor]
 
 #: Rules whose check against autograd differs by more than this use the fallback instead.
 _MISMATCH_TOL = 1e-3
@@ -38,116 +35,6 @@ _MISMATCH_TOL = 1e-3
 def _budget_bytes() -> int:
     """Bound on per-sample intermediates (``EWC_RS_CHUNK_MB``, default 256 MiB)."""
     return int(float(os.environ.get("EWC_RS_CHUNK_MB", "256")) * 2**20)
-
-
-@dataclass
-class _Site:
-    """A module with a rule, and the accumulator slots of its weight and bias."""
-
-    module: nn.Module
-    spec: RuleSpec
-    slots: list[Optional[int]]
-
-
-@dataclass
-class _Plan:
-    names: list[str]
-    params: list[torch.Tensor]
-    sites: list[_Site]
-    fallback: set[int] = field(default_factory=set)
-    #: Whether ``torch.func.vmap`` handles the fallback for this model (None: not tried yet).
-    vmap_ok: Optional[bool] = None
-    #: Attention layers whose projections run through Linear proxies while recording.
-    attention: list[Decomposed] = field(default_factory=list)
-
-    def drop_from_rules(self, slots: Iterable[int]) -> None:
-        """Sends ``slots`` to the exact per-sample fallback."""
-        for s in slots:
-            self.fallback.add(s)
-            for site in self.sites:
-                site.slots = [None if x == s else x for x in site.slots]
-
-
-def _plan(model: nn.Module) -> _Plan:
-    """Assigns each trainable parameter a slot and decides rule or fallback for it.
-
-    A parameter gets the rule path only if every module that owns it has a rule; otherwise (a
-    custom module with raw parameters, an RNN, cross-attention, ...) it goes to the exact fallback;
-    self-attention layers go through `attention.Decomposed` (two Linear proxies).
-    """
-    names: list[str] = []
-    params: list[torch.Tensor] = []
-    slot_of: dict[int, int] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            slot_of[id(p)] = len(params)
-            names.append(name)
-            params.append(p)
-    plan = _Plan(names, params, [])
-
-    def to_fallback(ps: list[torch.Tensor]) -> None:
-        plan.drop_from_rules(slot_of[id(p)] for p in ps if id(p) in slot_of)
-
-    plan.attention = [Decomposed(m, to_fallback) for m in model.modules() if attention_eligible(m)]
-    covered = {id(p) for a in plan.attention for p in a.parameters()}
-    for module in model.modules():
-        own = [(k, p) for k, p in module._parameters.items()
-               if p is not None and id(p) in slot_of and id(p) not in covered]
-        if not own:
-            continue
-        spec = rule_for(module)
-        if spec is None or any(k not in ("weight", "bias") for k, _ in own):
-            plan.fallback.update(slot_of[id(p)] for _, p in own)
-            continue
-        slots: list[Optional[int]] = [None, None]
-        for k, p in own:
-            slots[0 if k == "weight" else 1] = slot_of[id(p)]
-        plan.sites.append(_Site(module, spec, slots))
-    for a in plan.attention:
-        for proxy in (a.in_proj, a.out_proj):
-            bias = proxy.bias
-            pslots = [slot_of.get(id(proxy.weight)), None if bias is None else slot_of.get(id(bias))]
-            plan.sites.append(_Site(proxy, ("linear", [], [], []), pslots))
-    plan.drop_from_rules(set(plan.fallback))
-    plan.sites = [s for s in plan.sites if any(x is not None for x in s.slots)]
-    return plan
-
-
-class _Recorder:
-    """Forward hooks that record (site, input, output) for every call of a module with a rule."""
-
-    def __init__(self, plan: _Plan) -> None:
-        self.plan = plan
-        self.enabled = False
-        self.clone_outputs = False  # set when an in-place op modified a recorded output
-        self.calls: list[tuple[_Site, torch.Tensor, torch.Tensor, int]] = []
-        self.handles = [
-            s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in plan.sites
-        ]
-        for a in plan.attention:
-            a.install()
-
-    def _hook(self, site: _Site) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if not self.enabled:
-                return None
-            inp = args[0] if args else kwargs.get("input")
-            if not isinstance(inp, torch.Tensor) or not isinstance(output, torch.Tensor):
-                self.calls.append((site, torch.empty(0), torch.empty(0), -1))
-                return None
-            if not output.requires_grad:
-                return None
-            self.calls.append((site, inp.detach(), output, output._version))
-            # Returning a copy keeps later in-place ops (ReLU(inplace=True)) off the recorded output.
-            return output.clone() if self.clone_outputs else None
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        for a in self.plan.attention:
-            a.remove()
 
 
 @contextmanager
@@ -161,57 +48,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
-def _take(x: Any, sl: slice) -> Any:
-    """Rows ``sl`` of a batch element (tensor, tuple/list or dict of tensors)."""
-    if isinstance(x, torch.Tensor):
-        return x[sl]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, sl) for v in x)
-    if isinstance(x, dict):
-        return {k: _take(v, sl) for k, v in x.items()}
-    return x
-
-
-def _forward(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
-
-
-def _batch_size(x: Any, index: int) -> int:
-    if isinstance(x, torch.Tensor):
-        if x.dim() == 0:
-            raise ValueError(f"loader: batch {index}: inputs are a 0-d tensor; expected a batch dimension")
-        return int(x.shape[0])
-    items = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, (tuple, list)) else []
-    for v in items:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise ValueError(
-        f"loader: batch {index}: inputs must be a tensor, or a tuple/list/dict holding tensors; "
-        f"got {type(x).__name__}"
-    )
-
-
-def _unpack(batch: Any, index: int) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        raise ValueError(f"loader: batch {index} must be a pair (inputs, targets), got {what}")
-    return batch[0], batch[1]
 
 
 def _validate(kind: str, likelihood: Union[str, LikelihoodFn], mc_samples: int, num_samples: Optional[int]) -> str:
@@ -312,7 +148,7 @@ def fisher_diag(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     lik = _validate(kind, likelihood, mc_samples, num_samples)
-    plan = _plan(model)
+    plan = make_plan(model)
     if not plan.params:
         raise ValueError("model: no parameter requires grad, so there is no Fisher to estimate")
     device = plan.params[0].device
@@ -325,7 +161,7 @@ def fisher_diag(
 
         bar = tqdm(total=num_samples, unit="sample", desc=f"Fisher ({kind})")
 
-    recorder = _Recorder(plan) if kind != "batched" else None
+    recorder = Recorder(plan) if kind != "batched" else None
     seen = batches = 0
     checked = False
     try:
@@ -333,14 +169,14 @@ def fisher_diag(
             for index, batch in enumerate(loader):
                 if num_samples is not None and seen >= num_samples:
                     break
-                x, y = _unpack(batch, index)
-                n = _batch_size(x, index)
+                x, y = unpack(batch, index)
+                n = batch_size(x, index)
                 if num_samples is not None and seen + n > num_samples:
                     n = num_samples - seen
-                    x, y = _take(x, slice(0, n)), _take(y, slice(0, n))
+                    x, y = take(x, slice(0, n)), take(y, slice(0, n))
                 if n == 0:
                     continue
-                x, y = _to(x, device), _to(y, device)
+                x, y = to_device(x, device), to_device(y, device)
                 if recorder is None:
                     _batched_step(model, x, y, lik, likelihood, plan, accs)
                 else:
@@ -373,33 +209,15 @@ def fisher_diag(
     return result
 
 
-def _loglik(likelihood: Union[str, LikelihoodFn], out: Any, y: Any) -> Optional[torch.Tensor]:
-    if not callable(likelihood):
-        return None
-    ll = likelihood(out, y)
-    if not isinstance(ll, torch.Tensor):
-        raise TypeError(f"likelihood: the callable must return a tensor [N], got {type(ll).__name__}")
-    return ll
-
-
-def _check_outputs(out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(
-            f"model outputs: expected a tensor, got {type(out).__name__}; wrap the model so that it "
-            "returns the logits (categorical) or predictions (gaussian)"
-        )
-    return out
-
-
 def _batched_step(model: nn.Module, x: Any, y: Any, lik: str, likelihood: Union[str, LikelihoodFn],
-                  plan: _Plan, accs: list[torch.Tensor]) -> None:
-    out = _check_outputs(_forward(model, x))
+                  plan: Plan, accs: list[torch.Tensor]) -> None:
+    out = check_outputs(call_model(model, x))
     direct = list(zip(plan.params, range(len(plan.params))))
-    _core.fisher_accumulate(out, y, "batched", lik, None, _loglik(likelihood, out, y), [],
+    _core.fisher_accumulate(out, y, "batched", lik, None, loglik(likelihood, out, y), [],
                             direct, accs, plan.names, 0)
 
 
-def _not_per_sample(out: torch.Tensor, calls: list[tuple[_Site, torch.Tensor, torch.Tensor, int]],
+def _not_per_sample(out: torch.Tensor, calls: list[tuple[Site, torch.Tensor, torch.Tensor, int]],
                     n: int) -> set[int]:
     """Slots of layer calls whose output rows are not the batch's samples.
 
@@ -428,7 +246,7 @@ def _not_per_sample(out: torch.Tensor, calls: list[tuple[_Site, torch.Tensor, to
 _CHECK_SAMPLES = 16
 
 
-def _recorded_forward(model: nn.Module, x: Any, recorder: _Recorder) -> torch.Tensor:
+def _recorded_forward(model: nn.Module, x: Any, recorder: Recorder) -> torch.Tensor:
     """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""
     while True:
         recorder.calls = []
@@ -436,7 +254,7 @@ def _recorded_forward(model: nn.Module, x: Any, recorder: _Recorder) -> torch.Te
         for a in recorder.plan.attention:
             a.recording = True
         try:
-            out = _check_outputs(_forward(model, x))
+            out = check_outputs(call_model(model, x))
         finally:
             recorder.enabled = False
             for a in recorder.plan.attention:
@@ -448,7 +266,7 @@ def _recorded_forward(model: nn.Module, x: Any, recorder: _Recorder) -> torch.Te
         return out
 
 
-def _drop_uninterpretable(plan: _Plan, recorder: _Recorder, n: int) -> None:
+def _drop_uninterpretable(plan: Plan, recorder: Recorder, n: int) -> None:
     """Calls the rules cannot interpret (non-tensor input, batch not in dim 0) go to the fallback."""
     bad = {s for site, inp, _, v in recorder.calls if v < 0 or inp.shape[:1] != (n,)
            for s in site.slots if s is not None}
@@ -456,7 +274,7 @@ def _drop_uninterpretable(plan: _Plan, recorder: _Recorder, n: int) -> None:
         plan.drop_from_rules(bad)
 
 
-def _captures(recorder: _Recorder) -> list[tuple]:
+def _captures(recorder: Recorder) -> list[tuple]:
     return [(site.spec[0], inp, o, site.slots[0], site.slots[1], list(site.spec[1]),
              list(site.spec[2]), list(site.spec[3]))
             for site, inp, o, v in recorder.calls
@@ -464,14 +282,14 @@ def _captures(recorder: _Recorder) -> list[tuple]:
 
 
 def _check_rules(model: nn.Module, x: Any, y: Any, n: int, kind: str, lik: str,
-                 likelihood: Union[str, LikelihoodFn], plan: _Plan, recorder: _Recorder, budget: int) -> None:
+                 likelihood: Union[str, LikelihoodFn], plan: Plan, recorder: Recorder, budget: int) -> None:
     """Once per estimation, on the first samples of the first batch: hands to the fallback every
     parameter whose rule would be wrong, i.e. where dim 0 of a recorded call is not the sample
     index, or where the parameter is also used outside the layer that owns it."""
     k = min(n, _CHECK_SAMPLES)
     sliceable = all(isinstance(v, (torch.Tensor, tuple, list, dict)) for v in (x, y))
     if k < n and sliceable:
-        x, y, n = _take(x, slice(0, k)), _take(y, slice(0, k)), k
+        x, y, n = take(x, slice(0, k)), take(y, slice(0, k)), k
     out = _recorded_forward(model, x, recorder)
     if not recorder.calls:
         return
@@ -481,14 +299,14 @@ def _check_rules(model: nn.Module, x: Any, y: Any, n: int, kind: str, lik: str,
     check_kind = "exact" if kind == "mc" else kind
     rule_slots = sorted({s for site, *_ in recorder.calls for s in site.slots if s is not None})
     pairs = [(s, plan.params[s]) for s in rule_slots]
-    mism = _core.fisher_rule_mismatch(out, y, check_kind, lik, None, _loglik(likelihood, out, y),
+    mism = _core.fisher_rule_mismatch(out, y, check_kind, lik, None, loglik(likelihood, out, y),
                                       _captures(recorder), pairs, budget)
     plan.drop_from_rules(s for s, err in mism if err > _MISMATCH_TOL)
 
 
 def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: _Plan,
-                recorder: _Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
+                kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: Plan,
+                recorder: Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
     """One batch through the rules, then the fallback parameters sample by sample."""
     if not checked:
         _check_rules(model, x, y, n, kind, lik, likelihood, plan, recorder, budget)
@@ -496,127 +314,11 @@ def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: 
     out = _recorded_forward(model, x, recorder)
     _drop_uninterpretable(plan, recorder, n)
     mc = _draw_mc(out, lik, mc_samples, generator) if kind == "mc" else None
-    ll = _loglik(likelihood, out, y)
+    ll = loglik(likelihood, out, y)
     _core.fisher_accumulate(out, y, kind, lik, mc, ll, _captures(recorder), [], accs, plan.names, budget)
 
     if plan.fallback:
-        _fallback_step(model, x, y, n, lik, likelihood, kind, mc, plan, accs, budget)
+        fallback_step(model, x, y, n, lik, likelihood, kind, mc, plan, accs, budget)
     return checked
 
 
-#: Tests set this to False to exercise the one-sample-at-a-time fallback.
-USE_VMAP_FALLBACK = True
-
-
-def _fallback_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                   kind: str, mc: Optional[torch.Tensor], plan: _Plan, accs: list[torch.Tensor], budget: int) -> None:
-    """Exact per-sample squared gradients of the parameters without a rule.
-
-    First choice: ``torch.func`` (``vmap`` over samples of ``jacrev`` of the per-sample terms),
-    one vectorised pass. If the model cannot be vmapped (some RNN kernels, data-dependent
-    control flow), it falls back for good to one forward/backward per sample through the Rust
-    driver. Both are exact; a parameter shared with rule layers is entirely computed here.
-    """
-    slots = sorted(plan.fallback)
-    if USE_VMAP_FALLBACK and plan.vmap_ok is not False:
-        try:
-            with warnings.catch_warnings():
-                # functorch's note that an op runs through its slower per-sample loop: still exact.
-                warnings.filterwarnings("ignore", message="There is a performance drop")
-                sums = _vmap_sq_grads(model, x, y, n, lik, likelihood, kind, mc, plan, slots, budget)
-        except Exception:
-            if plan.vmap_ok:
-                raise  # vmap worked on earlier batches: this is a real error
-            plan.vmap_ok = False
-        else:
-            plan.vmap_ok = True
-            for s, t in zip(slots, sums):
-                accs[s].add_(t.to(accs[s].device))
-            return
-    direct = [(plan.params[s], s) for s in slots]
-    for i in range(n):
-        sl = slice(i, i + 1)
-        xi, yi = _take(x, sl), _take(y, sl)
-        out_i = _check_outputs(_forward(model, xi))
-        _core.fisher_accumulate(out_i, yi, kind, lik, None if mc is None else mc[sl],
-                                _loglik(likelihood, out_i, yi), [], direct, accs, plan.names, budget)
-
-
-def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], lik: str,
-           likelihood: Union[str, LikelihoodFn], kind: str) -> torch.Tensor:
-    """The roots of the Rust driver (``src/fisher/roots.rs``) for a batch of one sample, as a vector."""
-    if lik == "custom":
-        return likelihood(out, y).reshape(1)  # type: ignore[operator]
-    if lik == "categorical":
-        logp = torch.log_softmax(out.float(), dim=-1).reshape(-1)
-        if kind == "empirical":
-            return logp.gather(0, y.reshape(1).long())  # gather, not indexing: vmap cannot .item()
-        if kind == "exact":
-            return logp * logp.detach().exp().sqrt()
-        assert mc is not None
-        return logp.gather(0, mc.reshape(-1).long()) / mc.numel() ** 0.5
-    f = out.float().reshape(-1)
-    if kind == "empirical":
-        return (-0.5 * (y.float().reshape(-1) - f).square().sum()).reshape(1)
-    if kind == "exact":
-        return f
-    assert mc is not None
-    eps = mc.float().reshape(-1, f.numel())
-    return (eps @ f) / eps.shape[0] ** 0.5
-
-
-def _vmap_sq_grads(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                   kind: str, mc: Optional[torch.Tensor], plan: _Plan, slots: list[int], budget: int) -> list[torch.Tensor]:
-    from torch.func import functional_call, jacrev, vmap
-
-    names = [plan.names[s] for s in slots]
-    theta = {nm: plan.params[s].detach() for nm, s in zip(names, slots)}
-    unsqueeze = slice(None)  # rows are re-batched to size 1 inside the vmapped function
-
-    def per_sample(th: dict, xn: Any, yn: Any, mcn: Optional[torch.Tensor]) -> torch.Tensor:
-        xb = _take(_unsqueeze(xn), unsqueeze)
-        out = _check_outputs(_functional_forward(functional_call, model, th, xb))
-        yb = None if yn is None else _unsqueeze(yn)
-        return _terms(out, yb, mcn, lik, likelihood, kind)
-
-    in_dims = (None, 0, None if y is None else 0, None if mc is None else 0)
-    fn = vmap(jacrev(per_sample), in_dims=in_dims)
-    per_sample_elems = sum(t.numel() for t in theta.values()) * (plan_roots(kind, lik, mc, y) + 1)
-    chunk = max(1, min(n, budget // max(1, 4 * per_sample_elems)))
-    sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in theta.values()]
-    for start in range(0, n, chunk):
-        sl = slice(start, start + chunk)
-        # no_grad: jacrev still differentiates w.r.t. theta, but the other parameters (rule
-        # layers, requires_grad) must not tie the Fisher to an autograd graph.
-        with torch.no_grad():
-            jac = fn(theta, _take(x, sl), _take(y, sl), None if mc is None else mc[sl])
-        for i, nm in enumerate(names):
-            sums[i] += jac[nm].float().square().sum(dim=(0, 1))
-    return sums
-
-
-def plan_roots(kind: str, lik: str, mc: Optional[torch.Tensor], y: Any) -> int:
-    """Rough number of terms per sample (for chunking the vmapped Jacobians)."""
-    if kind == "mc" and mc is not None:
-        return int(mc.shape[1])
-    if kind == "exact":
-        return 1000 if lik == "categorical" else 100
-    return 1
-
-
-def _unsqueeze(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.unsqueeze(0)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_unsqueeze(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _unsqueeze(v) for k, v in x.items()}
-    return x
-
-
-def _functional_forward(functional_call: Callable[..., Any], model: nn.Module, th: dict, x: Any) -> Any:
-    if isinstance(x, dict):
-        return functional_call(model, th, (), x, strict=False)
-    if isinstance(x, (tuple, list)):
-        return functional_call(model, th, tuple(x), strict=False)
-    return functional_call(model, th, (x,), strict=False)

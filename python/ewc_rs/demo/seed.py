@@ -48,8 +48,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-
 from ..ewc import EWC
 from .models import seed_model
 from .train import TensorLoader, accuracy, load_data, subset, train_task
