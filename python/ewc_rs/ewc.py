@@ -332,6 +332,13 @@ class EWC:
 
         Not required after ``model.to(...)``: the penalty follows the parameters' device on its
         own; this only moves the stored copies ahead of time.
+
+        Args:
+            *args, **kwargs: a device, as for ``Tensor.to`` (a dtype is ignored: F and θ* keep
+                ``storage_dtype``).
+
+        Returns:
+            This ``EWC`` object.
         """
         device = torch.empty(0).to(*args, **kwargs).device
         self._pairs = [{k: {n: t.to(device) for n, t in d.items()} for k, d in pair.items()} for pair in self._pairs]
