@@ -864,6 +864,18 @@ def test_property_random_parameters(specs: list, lam: float, seed: int) -> None:
         err = relative_error(got, {n: ref_grads[n] for n in sel})
         assert err <= GRAD_TOL[dtype], f"{msg}: {dtype} gradient relative error {err:.3g}"
 
+    # the direct path (no autograd) on top: value again, gradient doubled in place
+    direct = ewc.backward(model)
+    assert rel(direct.item(), ref_value) <= TOL, f"{msg}: ewc.backward value {direct.item()} vs {ref_value}"
+    for dtype in DTYPES:
+        sel = [n for n, p in zip(names, model.parameters()) if p.dtype == dtype]
+        if not sel:
+            continue
+        got = {n: p.grad for n, p in model.named_parameters() if n in sel}
+        assert all(g is not None and g.dtype == dtype for g in got.values()), msg
+        err = relative_error(got, {n: 2.0 * ref_grads[n] for n in sel})  # type: ignore[misc]
+        assert err <= 2 * GRAD_TOL[dtype], f"{msg}: {dtype} ewc.backward gradient relative error {err:.3g}"
+
 
 # --------------------------------------------------------------------------------------------------
 # 12. the native function directly
