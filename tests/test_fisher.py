@@ -378,13 +378,15 @@ def test_dataloader_input() -> None:
 # --------------------------------------------------------------------------------------------------
 # 2. mc
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("samples", [3, 12], ids=["S<C", "S>C"])
 @pytest.mark.parametrize("name", ALL_NAMES)
-def test_mc_matches_reference_with_same_draws(name: str, device: torch.device) -> None:
+def test_mc_matches_reference_with_same_draws(name: str, samples: int, device: torch.device) -> None:
     """Given the draws fisher_diag makes (same generator seed), mc equals the reference's mc;
-    num_samples=10 cuts the last batch."""
+    num_samples=10 cuts the last batch. With more draws S than classes C, the draws are grouped
+    by class (at most C backward passes): the result must not change."""
     model, batches = _make(name)
     model = model.to(device)
-    lik, seed, samples, num = _likelihood(name), SEED + 7, 3, 10
+    lik, seed, num = _likelihood(name), SEED + 7, 10
     got = fisher_diag(model, batches, kind="mc", likelihood=lik, mc_samples=samples, num_samples=num,
                       generator=torch.Generator().manual_seed(seed))
     labels = _draws_like_fisher(model, batches, likelihood=lik, mc_samples=samples,

@@ -64,7 +64,11 @@ def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], lik: str,
         if kind == "exact":
             return logp * logp.detach().exp().sqrt()
         assert mc is not None
-        return logp.gather(0, mc.reshape(-1).long()) / mc.numel() ** 0.5
+        draws = mc.reshape(-1).long()
+        if draws.numel() > logp.numel():  # more draws than classes: group them by class (as in Rust)
+            counts = (draws.unsqueeze(1) == torch.arange(logp.numel(), device=draws.device)).sum(0)
+            return logp * (counts.float() / draws.numel()).sqrt()
+        return logp.gather(0, draws) / draws.numel() ** 0.5
     f = out.float().reshape(-1)
     if kind == "empirical":
         return (-0.5 * (y.float().reshape(-1) - f).square().sum()).reshape(1)

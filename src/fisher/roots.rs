@@ -136,6 +136,9 @@ fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
             }
             check_labels(labels, labels.numel() as i64, c)?;
             let s = labels.size()[1];
+            if s > c {
+                return mc_by_class(&logp, labels, s);
+            }
             let scale = 1.0 / (s as f64).sqrt();
             let ll = logp.f_gather(1, labels, false).ctx("gather mc labels")?;
             (0..s)
@@ -143,6 +146,33 @@ fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
                 .collect()
         }
     })
+}
+
+/// `mc` with more draws than classes: draws of the same class give the same per-sample
+/// gradient, so (1/S) Σ_s g(y_s)² = Σ_c (count_c / S) g(c)², one root per class drawn (at most C
+/// backward passes instead of S), weighted like `exact` but with the draws' frequencies.
+fn mc_by_class(logp: &Tensor, labels: &Tensor, s: i64) -> Result<Vec<Tensor>> {
+    let counts = logp
+        .zeros_like()
+        .f_scatter_add(
+            1,
+            &labels.to_kind(Kind::Int64),
+            &Tensor::ones(labels.size(), (Kind::Float, logp.device())),
+        )
+        .ctx("count mc draws per class")?;
+    let weights = (&counts / (s as f64)).sqrt();
+    let drawn = Vec::<f64>::try_from(
+        counts
+            .sum_dim_intlist(0, false, Kind::Float)
+            .to_kind(Kind::Double),
+    )
+    .map_err(|e| crate::error::EwcError::Torch("count mc draws per class".into(), e))?;
+    Ok(drawn
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0.0)
+        .map(|(k, _)| (logp.select(1, k as i64) * weights.select(1, k as i64)).sum(Kind::Float))
+        .collect())
 }
 
 fn check_labels(y: &Tensor, n: i64, c: i64) -> Result<()> {
