@@ -166,7 +166,7 @@ fn mc_by_class(logp: &Tensor, labels: &Tensor, s: i64) -> Result<Vec<Tensor>> {
             .sum_dim_intlist(0, false, Kind::Float)
             .to_kind(Kind::Double),
     )
-    .map_err(|e| crate::error::EwcError::Torch("count mc draws per class".into(), e))?;
+    .ctx("count mc draws per class")?;
     Ok(drawn
         .iter()
         .enumerate()

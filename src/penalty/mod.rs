@@ -103,6 +103,12 @@ pub fn penalty(
                     t.device()
                 ));
             }
+            // Checked before anything is written: a failed call leaves the caller's buffer alone.
+            if !starts_its_storage(&t)? {
+                return value_err(
+                    "out: expected a buffer that starts its storage, not a slice of another tensor",
+                );
+            }
             t
         }
         None => Tensor::f_empty([total], (kind, device)).ctx("penalty (allocate gradient)")?,
@@ -242,18 +248,20 @@ fn cpu_pass(
     Ok(Tensor::from((0.5 * lam * sum) as f32))
 }
 
+/// Whether `t` begins at offset 0 of its storage: `as_strided` offsets (in `views`) count from
+/// the storage's start, not from the tensor's.
+fn starts_its_storage(t: &Tensor) -> Result<bool> {
+    if t.numel() == 0 {
+        return Ok(true); // nothing is written, nothing is viewed
+    }
+    let base = t.f_as_strided([1], [1], 0).ctx("penalty (check out)")?;
+    Ok(base.data_ptr() == t.data_ptr())
+}
+
 /// Views of the flat `grad`, one per parameter in order, each shaped like its parameter
 /// (contiguous strides). One `as_strided` each: a third of the cost of `narrow` + `view`, which
-/// matters with hundreds of parameter tensors. `grad` must start its storage (checked).
+/// matters with hundreds of parameter tensors. `grad` starts its storage (checked in `penalty`).
 fn views(grad: &Tensor, params: &[Tensor]) -> Result<Vec<Tensor>> {
-    let base = grad
-        .f_as_strided([1], [1], 0)
-        .ctx("penalty (gradient views)")?;
-    if base.data_ptr() != grad.data_ptr() {
-        return value_err(
-            "out: expected a buffer that starts its storage, not a slice of another tensor",
-        );
-    }
     let mut offset = 0i64;
     params
         .iter()
@@ -285,8 +293,9 @@ fn flat_ops(
     let diff = theta.to_kind(Kind::Float) - star.to_kind(Kind::Float);
     let fd = fisher.to_kind(Kind::Float) * &diff;
     let value = (&fd * &diff).sum(Kind::Float) * (0.5 * lam);
-    grad.shallow_clone()
-        .f_copy_(&(fd * lam))
+    // The returned tensor aliases `grad`, which the caller already holds.
+    let _ = fd
+        .f_mul_scalar_out(grad, lam)
         .ctx("penalty (write gradient)")?;
     Ok(value)
 }
@@ -368,6 +377,16 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("out") && err.contains("10 elements"), "{err}");
+        let big = Tensor::full([11], 7.0, (Kind::Float, Device::Cpu));
+        let err = penalty(&params, &star, &fisher, 1.5, Some(big.narrow(0, 1, 10)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("starts its storage"), "{err}");
+        assert!(
+            big.eq(7.0).all().int64_value(&[]) == 1,
+            "a rejected out buffer was written"
+        );
     }
 
     #[test]
