@@ -23,26 +23,22 @@ impl Elem for f32 {
         x
     }
 }
-impl Elem for f16 {
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn put(x: f32) -> Self {
-        f16::from_f32(x)
-    }
+/// The `half` crate's types convert the same way.
+macro_rules! half_elem {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            #[inline(always)]
+            fn get(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn put(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+        }
+    )*};
 }
-impl Elem for bf16 {
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn put(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
+half_elem!(f16, bf16);
 
 /// One work item: `len` elements of parameter memory at address `param`, matching the flat θ*
 /// and F buffers at `offset`, with its gradient at address `grad` (written, or added to when
