@@ -13,25 +13,30 @@ from torch import nn
 LikelihoodFn = Callable[[Any, Any], torch.Tensor]
 
 
-def to_device(x: Any, device: torch.device) -> Any:
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
+    """``fn`` applied to every tensor of a batch element (a tensor, or a tuple/list/dict of them);
+    anything else is returned as it is."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
+        return type(x)(map_tensors(fn, v) for v in x)
     if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
+        return {k: map_tensors(fn, v) for k, v in x.items()}
     return x
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    return map_tensors(lambda t: t.to(device), x)
 
 
 def take(x: Any, sl: slice) -> Any:
-    """Rows ``sl`` of a batch element (tensor, tuple/list or dict of tensors)."""
-    if isinstance(x, torch.Tensor):
-        return x[sl]
-    if isinstance(x, (tuple, list)):
-        return type(x)(take(v, sl) for v in x)
-    if isinstance(x, dict):
-        return {k: take(v, sl) for k, v in x.items()}
-    return x
+    """Rows ``sl`` of a batch element."""
+    return map_tensors(lambda t: t[sl], x)
+
+
+def unsqueeze(x: Any) -> Any:
+    """A batch of one: a leading dimension on every tensor."""
+    return map_tensors(lambda t: t.unsqueeze(0), x)
 
 
 def call_model(model: nn.Module, x: Any) -> Any:
@@ -62,16 +67,6 @@ def unpack(batch: Any, index: int) -> tuple[Any, Any]:
         what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         raise ValueError(f"loader: batch {index} must be a pair (inputs, targets), got {what}")
     return batch[0], batch[1]
-
-
-def unsqueeze(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.unsqueeze(0)
-    if isinstance(x, (tuple, list)):
-        return type(x)(unsqueeze(v) for v in x)
-    if isinstance(x, dict):
-        return {k: unsqueeze(v) for k, v in x.items()}
-    return x
 
 
 def loglik(likelihood: Union[str, LikelihoodFn], out: Any, y: Any) -> Optional[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .fisher import fisher_diag
-from .penalty import FlatGroup, FusedPenalty, PenaltyPlan, _module_links
+from .penalty import FlatGroup, FusedPenalty, PenaltyPlan
 
 #: What ``params=`` accepts: names, a regex (matched with ``re.search``), or a predicate.
 ParamSelector = Union[None, Sequence[str], str, Pattern[str], Callable[[str, nn.Parameter], bool]]
@@ -214,8 +214,7 @@ class EWC:
         """
         model = self._model if model is None else model
         if not self._pairs:
-            first = next(model.parameters(), None)
-            return torch.zeros((), device=first.device if first is not None else None)
+            return _zero_like_parameters(model)
         plan = self._compile(model)
         return FusedPenalty.run(plan.evaluate(self.lam), plan, self.lam, *plan.params)
 
@@ -254,8 +253,7 @@ class EWC:
             raise ValueError(f"grad_scale: expected a finite number, got {grad_scale!r}")
         model = self._model if model is None else model
         if not self._pairs:
-            first = next(model.parameters(), None)
-            return torch.zeros((), device=first.device if first is not None else None)
+            return _zero_like_parameters(model)
         with torch.no_grad():
             return self._compile(model).accumulate(self.lam, float(grad_scale))
 
@@ -307,7 +305,7 @@ class EWC:
                 star=torch.cat(stars).to(self.storage_dtype),
                 fisher=torch.cat(fishers).to(self.storage_dtype),
             ))
-        plan = PenaltyPlan(model, names, params, groups, max(const, 0.0), _module_links(model))
+        plan = PenaltyPlan(model, names, params, groups, max(const, 0.0))
         self._compiled = plan
         return plan
 
@@ -466,6 +464,12 @@ class EWC:
     def __repr__(self) -> str:
         return (f"EWC(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}, "
                 f"norm_stats={self.norm_stats!r}, storage_dtype={self.storage_dtype})")
+
+
+def _zero_like_parameters(model: nn.Module) -> torch.Tensor:
+    """The penalty before any consolidation: a 0-d zero on the parameters' device."""
+    first = next(model.parameters(), None)
+    return torch.zeros((), device=first.device if first is not None else None)
 
 
 def _enter_eval(module: nn.Module, args: Any) -> None:

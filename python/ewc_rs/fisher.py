@@ -121,8 +121,9 @@ def fisher_diag(
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off) and every
     submodule's mode is restored afterwards; ``.grad`` of the parameters is not touched.
     Parameters of layers with a rule (Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm, GroupNorm,
-    Embedding) are computed in one backward pass per root; any other parameter (custom modules,
-    RNNs, attention, parameters used outside their module) by an exact per-sample pass.
+    Embedding, and the projections of ``nn.MultiheadAttention`` self-attention) are computed in
+    one backward pass per root; any other parameter (custom modules, RNNs, cross-attention,
+    parameters used outside their module) by an exact per-sample pass.
 
     Args:
         model: any module whose log-likelihood is a sum of per-sample terms.
@@ -249,16 +250,8 @@ _CHECK_SAMPLES = 16
 def _recorded_forward(model: nn.Module, x: Any, recorder: Recorder) -> torch.Tensor:
     """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""
     while True:
-        recorder.calls = []
-        recorder.enabled = True
-        for a in recorder.plan.attention:
-            a.recording = True
-        try:
+        with recorder.recording():
             out = check_outputs(call_model(model, x))
-        finally:
-            recorder.enabled = False
-            for a in recorder.plan.attention:
-                a.recording = False
         modified = any(v >= 0 and o._version != v for _, _, o, v in recorder.calls)
         if modified and not recorder.clone_outputs:
             recorder.clone_outputs = True  # an in-place op touched a recorded output: record copies

@@ -89,7 +89,10 @@ class PenaltyPlan:
     params: list[torch.Tensor]
     groups: list[FlatGroup]
     const: float
-    links: list[tuple[dict, str, Any]] = field(default_factory=list)
+    links: list[tuple[dict, str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.links = _module_links(self.model)
 
     def matches(self, model: nn.Module) -> bool:
         """Same model, same parameter objects, each group still on its device and dtype."""
@@ -98,24 +101,28 @@ class PenaltyPlan:
         return all(p.device == g.device and p.dtype == g.dtype for g in self.groups for p in g.params)
 
     def evaluate(self, lam: float, *, reuse: bool = True) -> Evaluation:
-        total: Optional[torch.Tensor] = None
         flats: list[torch.Tensor] = []
         grads: list[Optional[torch.Tensor]] = [None] * len(self.params)
+        values = []
         for g in self.groups:
             value, flat, views = g.evaluate(lam, reuse=reuse)
-            total = value if total is None else total + value.to(total.device)
+            values.append(value)
             flats.append(flat)
             for i, v in zip(g.index, views):
                 grads[i] = v
-        assert total is not None
-        if self.const:
-            total = total + 0.5 * lam * self.const
-        return Evaluation(total, flats, grads)
+        return Evaluation(self._value(values, lam), flats, grads)
+
+    def _value(self, group_values: list[torch.Tensor], lam: float) -> torch.Tensor:
+        """The penalty from its per-group parts, plus the constant of the folded tasks."""
+        total = group_values[0]
+        for v in group_values[1:]:
+            total = total + v.to(total.device)
+        return total + 0.5 * lam * self.const if self.const else total
 
     def accumulate(self, lam: float, scale: float) -> torch.Tensor:
         """Adds ``scale``·λF(θ−θ*) to each parameter's ``.grad`` as ``backward()`` would (only
         parameters that require grad; ``.grad`` created when absent); returns the penalty."""
-        total: Optional[torch.Tensor] = None
+        values = []
         for g in self.groups:
             params = g.params
             if g.device.type == "cpu":  # one fused pass straight into the .grad memory
@@ -135,11 +142,8 @@ class PenaltyPlan:
                     p.grad = t
                 else:  # a .grad of another dtype or layout
                     p.grad.add_(t)
-            total = value if total is None else total + value.to(total.device)
-        assert total is not None
-        if self.const:
-            total = total + 0.5 * lam * self.const
-        return total
+            values.append(value)
+        return self._value(values, lam)
 
 
 _TWICE = (
@@ -224,6 +228,4 @@ class FusedPenalty(torch.autograd.Function):
         if not unit:  # scale the flat buffers in place: one kernel per group, views follow
             for flat in evaluation.flats:
                 flat.mul_(grad_out.to(flat.device, flat.dtype))
-        grads = evaluation.grads
-        evaluation = None
-        return (None, None, None, *grads)
+        return (None, None, None, *evaluation.grads)

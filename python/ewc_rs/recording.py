@@ -3,8 +3,9 @@ calls (input, output) while the Fisher engine runs a forward pass."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -116,6 +117,21 @@ class Recorder:
             return output.clone() if self.clone_outputs else None
 
         return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Records the layer calls of the forward pass run inside (a fresh list each time); the
+        attention layers run their decomposed forward meanwhile."""
+        self.calls = []
+        self.enabled = True
+        for a in self.plan.attention:
+            a.recording = True
+        try:
+            yield
+        finally:
+            self.enabled = False
+            for a in self.plan.attention:
+                a.recording = False
 
     def remove(self) -> None:
         for h in self.handles:
