@@ -1027,13 +1027,10 @@ def test_large_parameters_value_precision(seed: int) -> None:
 # 13. gradient buffer reuse and the direct (no-autograd) path
 # --------------------------------------------------------------------------------------------------
 def _consolidated_mlp(seed: int) -> tuple[nn.Module, EWC, torch.Generator, list[Pair]]:
-    g = gen(seed)
-    model, batches = task_model("mlp_bn", seed)
-    ewc = EWC(model, lam=float(torch.empty(()).uniform_(1.0, 100.0, generator=g)))
-    data = batches()
-    pairs = [(snapshot(model), fisher_of(model, data))]
-    ewc.consolidate(data)
-    return model, ewc, g, pairs
+    """``_consolidated("mlp_bn")`` with a random λ, and a generator for further perturbations."""
+    lam = float(torch.empty(()).uniform_(1.0, 100.0, generator=gen(seed + 2)))
+    model, ewc, pairs, _ = _consolidated("mlp_bn", seed, lam=lam)
+    return model, ewc, gen(seed + 3), pairs
 
 
 def test_reused_buffer_never_overwrites_a_gradient_still_held(seed: int) -> None:
