@@ -28,14 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ewc_rs  # noqa: E402
+from ewc_rs.demo.models import seed_model  # noqa: E402  (the seed article's MLP)
 from common import median_time, write_results  # noqa: E402
-
-
-def seed_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.BatchNorm1d(100),
-        nn.Linear(100, 100), nn.ReLU(), nn.BatchNorm1d(100), nn.Linear(100, 10),
-    )
 
 
 def cnn() -> nn.Module:
@@ -60,7 +54,7 @@ class SmallTransformer(nn.Module):
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "seed_mlp": (seed_mlp, (1, 28, 28)),
+    "seed_mlp": (seed_model, (1, 28, 28)),
     "cnn": (cnn, (1, 28, 28)),
     "transformer": (SmallTransformer, (16, 32)),
 }

@@ -36,14 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ewc_rs  # noqa: E402
+from ewc_rs.demo.models import seed_model  # noqa: E402  (the seed article's MLP)
 from common import median_time, write_results  # noqa: E402
-
-
-def seed_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.BatchNorm1d(100),
-        nn.Linear(100, 100), nn.ReLU(), nn.BatchNorm1d(100), nn.Linear(100, 10),
-    )
 
 
 def transformer(d_model: int) -> Callable[[], nn.Module]:
@@ -64,7 +58,7 @@ def resnet(depth: int) -> Callable[[], nn.Module]:
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "seed_mlp": seed_mlp,
+    "seed_mlp": seed_model,
     "transformer_d64x12": transformer(64),
     "transformer_d256x12": transformer(256),
     "resnet18": resnet(18),
