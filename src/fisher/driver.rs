@@ -1,262 +1,306 @@
 //! Runs one backward pass per root w.r.t. the recorded layer outputs (never touching `.grad`),
-//! applies each layer's rule and adds Σ_n (per-sample gradient)² into float32 accumulators.
+//! applies each layer's rule and adds Σ_n (per-sample gradient)² into the float32 sums of one
+//! estimation.
 //!
 //! A parameter recorded by several layer calls in one forward pass (a module called twice, a
 //! table tied between layers) has its per-sample gradients summed over the calls before they
 //! are squared: that is what makes shared parameters exact.
 
-use super::rules::Rule;
+use super::chunks::{add_to, chunks, SlotTotals};
+use super::rules::{squared_outer_products, Rule, Want};
 use crate::error::{value_err, Context, Result};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 /// One call of a layer with a rule, recorded by a forward hook.
-pub struct Capture {
-    pub rule: Rule,
+#[derive(Debug)]
+pub struct LayerCall {
+    pub rule: Arc<dyn Rule>,
     pub input: Tensor,
     pub output: Tensor,
-    /// Accumulator index for the weight and for the bias (None: absent or frozen).
+    /// Index of the weight and of the bias in the estimation's parameters (None: absent, or
+    /// handled elsewhere).
     pub slots: [Option<usize>; 2],
 }
 
-impl Capture {
-    fn want(&self) -> [bool; 2] {
-        [self.slots[0].is_some(), self.slots[1].is_some()]
-    }
-}
-
-/// Accumulators (float32, one per parameter, shared with Python) and their names for errors.
-pub struct Accumulators {
-    pub tensors: Vec<Tensor>,
-    pub names: Vec<String>,
-}
-
-impl Accumulators {
-    fn add(&self, slot: usize, t: &Tensor) -> Result<()> {
-        let mut acc = self.tensors[slot].shallow_clone();
-        if acc.size() != t.size() {
-            return value_err(format!(
-                "parameter '{}': the rule produced shape {:?}, expected {:?}",
-                self.names[slot],
-                t.size(),
-                acc.size()
-            ));
+impl LayerCall {
+    fn want(&self) -> Want {
+        Want {
+            weight: self.slots[0].is_some(),
+            bias: self.slots[1].is_some(),
         }
-        let _ = acc.f_add_(t).ctx("accumulate")?;
-        Ok(())
+    }
+
+    fn samples(&self) -> i64 {
+        self.input.size().first().copied().unwrap_or(0)
+    }
+
+    /// Per-sample gradients of samples `start..start + len`, paired with their slots.
+    fn per_sample(&self, g: &Tensor, start: i64, len: i64) -> Result<Vec<(usize, Tensor)>> {
+        let a = self.input.narrow(0, start, len);
+        let ps = self
+            .rule
+            .per_sample(&a, &g.narrow(0, start, len), self.want())?;
+        Ok(self
+            .slots
+            .iter()
+            .zip(ps)
+            .filter_map(|(slot, t)| Some((((*slot)?), t?)))
+            .collect())
     }
 }
 
-/// Everything one batch contributes.
-pub struct BatchJob {
-    pub roots: Vec<Tensor>,
-    pub captures: Vec<Capture>,
-    /// Tensors whose full gradient is squared as is: parameters of modules without a rule, in a
-    /// pass over one sample, or every parameter for the `batched` kind.
-    pub direct: Vec<(Tensor, usize)>,
+/// How many recorded calls use each slot in this forward pass.
+struct Uses(BTreeMap<usize, usize>);
+
+impl Uses {
+    fn of(calls: &[LayerCall]) -> Self {
+        let mut uses = BTreeMap::new();
+        for c in calls {
+            for s in c.slots.iter().flatten() {
+                *uses.entry(*s).or_insert(0) += 1;
+            }
+        }
+        Uses(uses)
+    }
+
+    fn shared(&self, c: &LayerCall) -> bool {
+        c.slots.iter().flatten().any(|s| self.0[s] > 1)
+    }
+}
+
+/// Σ_n (per-sample gradient)² per parameter, in float32, over the batches seen so far.
+pub struct FisherSums {
+    /// The parameters, by slot (read for their shapes, and by the `whole` and check paths).
+    pub params: Vec<Tensor>,
+    /// The sums, by slot, each shaped like its parameter, on its device.
+    pub totals: Vec<Tensor>,
+    /// Parameter names, by slot, for error messages.
+    pub names: Vec<String>,
     /// Upper bound for per-sample intermediates, in bytes.
     pub budget: i64,
 }
 
-fn slot_uses(captures: &[Capture]) -> BTreeMap<usize, usize> {
-    let mut uses = BTreeMap::new();
-    for c in captures {
-        for s in c.slots.iter().flatten() {
-            *uses.entry(*s).or_insert(0) += 1;
-        }
-    }
-    uses
+/// One batch's contribution: the roots, the layer calls the rules handle, and the slots whose
+/// whole gradient is squared as is (parameters without a rule in a pass over one sample, or
+/// every parameter for the `batched` kind).
+pub struct Batch<'a> {
+    pub roots: Vec<Tensor>,
+    pub calls: &'a [LayerCall],
+    pub whole: &'a [usize],
 }
 
-/// Is this capture the one-GEMM case (2-d Linear, parameters used by it alone)?
-fn is_fast_linear(c: &Capture, uses: &BTreeMap<usize, usize>) -> bool {
-    matches!(c.rule, Rule::Linear)
-        && c.input.dim() == 2
-        && c.slots.iter().flatten().all(|s| uses[s] == 1)
-}
-
-pub fn accumulate(job: &BatchJob, accs: &Accumulators) -> Result<()> {
-    let uses = slot_uses(&job.captures);
-    let mut inputs: Vec<&Tensor> = job.captures.iter().map(|c| &c.output).collect();
-    inputs.extend(job.direct.iter().map(|(t, _)| t));
-    if inputs.is_empty() {
-        return Ok(()); // every parameter of this batch goes through another path
-    }
-    // For 2-d Linear layers, Σ_roots (g_r²)ᵀ a² = (Σ_roots g_r²)ᵀ a²: sum g² first, one GEMM.
-    let mut g2_sums: Vec<Option<Tensor>> = job.captures.iter().map(|_| None).collect();
-
-    for (r, root) in job.roots.iter().enumerate() {
-        let keep_graph = r + 1 < job.roots.len();
-        let grads = Tensor::f_run_backward(&[root], &inputs, keep_graph, false)
-            .ctx("backward pass of the log-likelihood")?;
-        let (layer_grads, direct_grads) = grads.split_at(job.captures.len());
-
-        for ((_, slot), g) in job.direct.iter().zip(direct_grads) {
-            if g.defined() {
-                accs.add(*slot, &g.to_kind(Kind::Float).square())?;
-            }
-        }
-        let mut shared: Vec<(usize, &Tensor)> = Vec::new();
-        for (i, (c, g)) in job.captures.iter().zip(layer_grads).enumerate() {
-            if !g.defined() {
-                continue;
-            }
-            if is_fast_linear(c, &uses) {
-                let g2 = g.to_kind(Kind::Float).square();
-                g2_sums[i] = Some(match g2_sums[i].take() {
-                    Some(s) => s + g2,
-                    None => g2,
-                });
-            } else if c.slots.iter().flatten().any(|s| uses[s] > 1) {
-                shared.push((i, g));
-            } else {
-                let sq = c.rule.sum_sq(&c.input, g, c.want(), job.budget)?;
-                for (slot, t) in c.slots.iter().zip(sq) {
-                    if let (Some(slot), Some(t)) = (slot, t) {
-                        accs.add(*slot, &t)?;
-                    }
-                }
-            }
-        }
-        accumulate_shared(&job.captures, &shared, &uses, accs, job.budget)?;
-    }
-
-    for (c, g2) in job.captures.iter().zip(g2_sums) {
-        let Some(g2) = g2 else { continue };
-        if let Some(w) = c.slots[0] {
-            let a2 = c.input.to_kind(Kind::Float).square();
-            let t = g2.f_tr().and_then(|t| t.f_matmul(&a2)).ctx("linear rule")?;
-            accs.add(w, &t)?;
-        }
-        if let Some(b) = c.slots[1] {
-            accs.add(b, &g2.sum_dim_intlist(0, false, Kind::Float))?;
-        }
-    }
-    Ok(())
-}
-
-/// Captures whose parameters are shared: per-sample gradients are summed per parameter over the
-/// captures, then squared. Chunked over samples to bound memory.
-fn accumulate_shared(
-    captures: &[Capture],
-    shared: &[(usize, &Tensor)],
-    uses: &BTreeMap<usize, usize>,
-    accs: &Accumulators,
-    budget: i64,
-) -> Result<()> {
-    if shared.is_empty() {
-        return Ok(());
-    }
-    let n = captures[shared[0].0].input.size()[0];
-    for (i, _) in shared {
-        if captures[*i].input.size()[0] != n {
+impl FisherSums {
+    pub fn new(params: Vec<Tensor>, names: Vec<String>, budget: i64) -> Result<Self> {
+        if params.len() != names.len() {
             return value_err(format!(
-                "a shared parameter is used by layer calls with different batch sizes ({} and {n}); \
-                 its per-sample gradients cannot be matched",
-                captures[*i].input.size()[0]
+                "names: expected one name per parameter ({}), got {}",
+                params.len(),
+                names.len()
             ));
         }
+        let totals = params
+            .iter()
+            .map(|p| Tensor::f_zeros(p.size().as_slice(), (Kind::Float, p.device())))
+            .collect::<std::result::Result<_, _>>()
+            .ctx("allocate the Fisher sums")?;
+        Ok(Self {
+            params,
+            totals,
+            names,
+            budget,
+        })
     }
-    let chunk = shared
-        .iter()
-        .map(|(i, g)| captures[*i].rule.chunk_size(&captures[*i].input, g, budget))
-        .min()
-        .unwrap_or(n);
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let mut sums: BTreeMap<usize, Tensor> = BTreeMap::new();
-        for (i, g) in shared {
-            let c = &captures[*i];
-            let a = c.input.narrow(0, start, len);
-            let ps = c.rule.per_sample(&a, &g.narrow(0, start, len), c.want())?;
-            for (slot, t) in c.slots.iter().zip(ps) {
-                let (Some(slot), Some(t)) = (slot, t) else {
-                    continue;
-                };
-                if uses[slot] == 1 {
-                    accs.add(*slot, &t.square().sum_dim_intlist(0, false, Kind::Float))?;
+
+    fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.totals.len() {
+            return value_err(format!(
+                "slot {slot}: expected an index below {} (the number of parameters)",
+                self.totals.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds `t` (Σ over samples of squared gradients of parameter `slot`) into its sum.
+    pub fn add(&self, slot: usize, t: &Tensor) -> Result<()> {
+        self.check_slot(slot)?;
+        let mut total = self.totals[slot].shallow_clone();
+        if total.size() != t.size() {
+            return value_err(format!(
+                "parameter '{}': the rule produced shape {:?}, expected {:?}",
+                self.names[slot],
+                t.size(),
+                total.size()
+            ));
+        }
+        let t = t.to_device(total.device());
+        let _ = total.f_add_(&t).ctx("add into the Fisher sums")?;
+        Ok(())
+    }
+
+    /// Adds one batch's Σ_n (per-sample gradient)².
+    pub fn add_batch(&self, batch: &Batch) -> Result<()> {
+        for s in batch.calls.iter().flat_map(|c| c.slots.iter().flatten()) {
+            self.check_slot(*s)?;
+        }
+        for s in batch.whole {
+            self.check_slot(*s)?;
+        }
+        let uses = Uses::of(batch.calls);
+        let mut inputs: Vec<&Tensor> = batch.calls.iter().map(|c| &c.output).collect();
+        inputs.extend(batch.whole.iter().map(|s| &self.params[*s]));
+        if inputs.is_empty() {
+            return Ok(()); // every parameter of this batch goes through another path
+        }
+        // Outer-product calls: the squared output gradients of every root, summed, then one GEMM.
+        let mut g2_sums: Vec<Option<Tensor>> = batch.calls.iter().map(|_| None).collect();
+        for (r, root) in batch.roots.iter().enumerate() {
+            let keep_graph = r + 1 < batch.roots.len();
+            let grads = Tensor::f_run_backward(&[root], &inputs, keep_graph, false)
+                .ctx("backward pass of the log-likelihood")?;
+            let (layer_grads, whole_grads) = grads.split_at(batch.calls.len());
+            for (slot, g) in batch.whole.iter().zip(whole_grads) {
+                if g.defined() {
+                    self.add(*slot, &g.to_kind(Kind::Float).square())?;
+                }
+            }
+            let mut shared: Vec<(&LayerCall, &Tensor)> = Vec::new();
+            for ((c, g), g2) in batch.calls.iter().zip(layer_grads).zip(&mut g2_sums) {
+                if !g.defined() {
                     continue;
                 }
-                let t = match sums.remove(slot) {
-                    Some(s) => s + t,
-                    None => t,
-                };
-                sums.insert(*slot, t);
+                if uses.shared(c) {
+                    shared.push((c, g));
+                } else if c.rule.is_outer_product(&c.input) {
+                    add_to(g2, g.to_kind(Kind::Float).square());
+                } else {
+                    let sq = c.rule.sum_sq(&c.input, g, c.want(), self.budget)?;
+                    self.add_slots(c, sq)?;
+                }
+            }
+            self.add_shared(&shared)?;
+        }
+        for (c, g2) in batch.calls.iter().zip(g2_sums) {
+            if let Some(g2) = g2 {
+                self.add_slots(c, squared_outer_products(&c.input, &g2, c.want())?)?;
             }
         }
-        for (slot, t) in sums {
-            accs.add(slot, &t.square().sum_dim_intlist(0, false, Kind::Float))?;
-        }
-        start += len;
+        Ok(())
     }
-    Ok(())
+
+    fn add_slots(&self, c: &LayerCall, results: [Option<Tensor>; 2]) -> Result<()> {
+        for (slot, t) in c.slots.iter().zip(results) {
+            if let (Some(slot), Some(t)) = (slot, t) {
+                self.add(*slot, &t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls whose parameters are shared: per-sample gradients summed per parameter over the
+    /// calls, then squared.
+    fn add_shared(&self, shared: &[(&LayerCall, &Tensor)]) -> Result<()> {
+        for_each_chunk(shared, self.budget, |by_slot| {
+            for (slot, t) in by_slot.into_entries() {
+                self.add(slot, &t.square().sum_dim_intlist(0, false, Kind::Float))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Checks that the rules see every use of their parameters: for each slot in `slots`, the
+    /// sum over samples of the rules' per-sample gradients must equal autograd's gradient of
+    /// `root`. Returns the relative difference per slot; a large one means the parameter is also
+    /// used outside the layer that owns it (e.g. `F.linear(h, emb.weight)`), so it needs the
+    /// fallback.
+    pub fn rule_mismatch(
+        &self,
+        root: &Tensor,
+        calls: &[LayerCall],
+        slots: &[usize],
+    ) -> Result<Vec<(usize, f64)>> {
+        for s in slots {
+            self.check_slot(*s)?;
+        }
+        let mut inputs: Vec<&Tensor> = calls.iter().map(|c| &c.output).collect();
+        inputs.extend(slots.iter().map(|s| &self.params[*s]));
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let grads = Tensor::f_run_backward(&[root], &inputs, true, false)
+            .ctx("backward pass of the consistency check")?;
+        let (layer_grads, param_grads) = grads.split_at(calls.len());
+        let recorded: Vec<(&LayerCall, &Tensor)> = calls
+            .iter()
+            .zip(layer_grads)
+            .filter(|(_, g)| g.defined())
+            .collect();
+        let mut ours = SlotTotals::default();
+        // Call by call: each in chunks of its own size (calls may differ in batch size here).
+        for call in &recorded {
+            for_each_chunk(std::slice::from_ref(call), self.budget, |by_slot| {
+                for (slot, t) in by_slot.into_entries() {
+                    ours.add(slot, t.sum_dim_intlist(0, false, Kind::Float));
+                }
+                Ok(())
+            })?;
+        }
+        let mut out = Vec::with_capacity(slots.len());
+        for (slot, g) in slots.iter().zip(param_grads) {
+            let p = &self.params[*slot];
+            let zeros = || Tensor::zeros(p.size().as_slice(), (Kind::Float, p.device()));
+            let truth = if g.defined() {
+                g.to_kind(Kind::Float)
+            } else {
+                zeros()
+            };
+            let ours = ours
+                .get(*slot)
+                .map_or_else(zeros, |s| s.reshape(p.size().as_slice()));
+            let scale = truth
+                .norm()
+                .double_value(&[])
+                .max(ours.norm().double_value(&[]));
+            let diff = (&ours - &truth).norm().double_value(&[]);
+            out.push((*slot, if scale > 0.0 { diff / scale } else { 0.0 }));
+        }
+        Ok(out)
+    }
 }
 
-/// Checks that the rules see every use of their parameters: for each `(slot, parameter)`, the
-/// sum over samples of the rules' per-sample gradients must equal autograd's gradient of `root`.
-/// Returns the relative difference per slot; a large one means the parameter is also used
-/// outside the layer that owns it (e.g. `F.linear(h, emb.weight)`), so it needs the fallback.
-pub fn rule_mismatch(
-    root: &Tensor,
-    captures: &[Capture],
-    params: &[(usize, Tensor)],
+/// Walks the samples of `calls` (all of one batch size) in chunks that fit `budget`, and hands
+/// `f` each chunk's per-sample gradients `[len, *param]`, summed per slot over the calls.
+fn for_each_chunk(
+    calls: &[(&LayerCall, &Tensor)],
     budget: i64,
-) -> Result<Vec<(usize, f64)>> {
-    let mut inputs: Vec<&Tensor> = captures.iter().map(|c| &c.output).collect();
-    inputs.extend(params.iter().map(|(_, p)| p));
-    if inputs.is_empty() {
-        return Ok(Vec::new());
+    mut f: impl FnMut(SlotTotals) -> Result<()>,
+) -> Result<()> {
+    let Some((first, _)) = calls.first() else {
+        return Ok(());
+    };
+    let n = first.samples();
+    if let Some((c, _)) = calls.iter().find(|(c, _)| c.samples() != n) {
+        return value_err(format!(
+            "a shared parameter is used by layer calls with different batch sizes ({} and {n}); \
+             its per-sample gradients cannot be matched",
+            c.samples()
+        ));
     }
-    let grads = Tensor::f_run_backward(&[root], &inputs, true, false)
-        .ctx("backward pass of the consistency check")?;
-    let (layer_grads, param_grads) = grads.split_at(captures.len());
-    let mut sums: BTreeMap<usize, Tensor> = BTreeMap::new();
-    for (c, g) in captures.iter().zip(layer_grads) {
-        if !g.defined() {
-            continue;
-        }
-        let n = c.input.size()[0];
-        let chunk = c.rule.chunk_size(&c.input, g, budget);
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            let ps = c.rule.per_sample(
-                &c.input.narrow(0, start, len),
-                &g.narrow(0, start, len),
-                c.want(),
-            )?;
-            for (slot, t) in c.slots.iter().zip(ps) {
-                let (Some(slot), Some(t)) = (slot, t) else {
-                    continue;
-                };
-                let t = t.sum_dim_intlist(0, false, Kind::Float);
-                let t = match sums.remove(slot) {
-                    Some(s) => s + t,
-                    None => t,
-                };
-                sums.insert(*slot, t);
+    let chunk = calls
+        .iter()
+        .map(|(c, g)| c.rule.chunk_size(&c.input, g, budget))
+        .min()
+        .unwrap_or(n);
+    for (start, len) in chunks(n, chunk) {
+        let mut by_slot = SlotTotals::default();
+        for (c, g) in calls {
+            for (slot, t) in c.per_sample(g, start, len)? {
+                by_slot.add(slot, t);
             }
-            start += len;
         }
+        f(by_slot)?;
     }
-    let mut out = Vec::with_capacity(params.len());
-    for ((slot, p), g) in params.iter().zip(param_grads) {
-        let truth = if g.defined() {
-            g.to_kind(Kind::Float)
-        } else {
-            Tensor::zeros(p.size().as_slice(), (Kind::Float, p.device()))
-        };
-        let ours = match sums.get(slot) {
-            Some(s) => s.reshape(p.size().as_slice()),
-            None => Tensor::zeros(p.size().as_slice(), (Kind::Float, p.device())),
-        };
-        let scale = truth
-            .norm()
-            .double_value(&[])
-            .max(ours.norm().double_value(&[]));
-        let diff = (&ours - &truth).norm().double_value(&[]);
-        out.push((*slot, if scale > 0.0 { diff / scale } else { 0.0 }));
-    }
-    Ok(out)
+    Ok(())
 }

@@ -62,35 +62,85 @@ impl Likelihood {
     }
 }
 
-/// What the roots are built from. `mc` holds sampled labels `[N, S]` (categorical) or noise
-/// `[N, S, D]` (gaussian); `loglik` the per-sample log-likelihood for `Likelihood::Custom`.
-pub struct RootInputs<'a> {
-    pub outputs: &'a Tensor,
-    pub targets: Option<&'a Tensor>,
+/// What the roots are built from, besides the model's outputs: the kind, the likelihood, and
+/// the tensors they need. Checked when built, so a malformed specification never reaches a
+/// backward pass.
+#[derive(Debug)]
+pub struct RootSpec {
     pub kind: FisherKind,
     pub likelihood: Likelihood,
-    pub mc: Option<&'a Tensor>,
-    pub loglik: Option<&'a Tensor>,
+    /// Labels `[N]` (categorical) or regression targets `[N, D]` (gaussian).
+    pub targets: Option<Tensor>,
+    /// For `mc`: sampled labels `[N, S]` (categorical) or noise `[N, S, D]` (gaussian).
+    pub mc_draws: Option<Tensor>,
+    /// For `Likelihood::Custom`: the per-sample log-likelihood `[N]`, connected to the graph.
+    pub loglik: Option<Tensor>,
+}
+
+impl RootSpec {
+    pub fn new(
+        kind: FisherKind,
+        likelihood: Likelihood,
+        targets: Option<Tensor>,
+        mc_draws: Option<Tensor>,
+        loglik: Option<Tensor>,
+    ) -> Result<Self> {
+        let spec = Self {
+            kind,
+            likelihood,
+            targets,
+            mc_draws,
+            loglik,
+        };
+        match (likelihood, kind) {
+            (Likelihood::Custom, FisherKind::Exact | FisherKind::Mc) => {
+                return value_err(format!(
+                    "kind: {kind:?} needs to sample from the model's predictive distribution, \
+                     which a callable likelihood does not define; use kind='empirical' or 'batched'"
+                ))
+            }
+            (Likelihood::Custom, _) => need(spec.loglik.as_ref(), "loglik")?,
+            (_, FisherKind::Mc) => need(spec.mc_draws.as_ref(), "mc_draws")?,
+            (_, FisherKind::Empirical | FisherKind::Batched) => {
+                need(spec.targets.as_ref(), "targets")?
+            }
+            (_, FisherKind::Exact) => return Ok(spec),
+        };
+        Ok(spec)
+    }
+
+    /// The same specification sharing its tensors (to hand to a thread without the GIL).
+    pub fn shallow_clone(&self) -> Self {
+        let share = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+        Self {
+            kind: self.kind,
+            likelihood: self.likelihood,
+            targets: share(&self.targets),
+            mc_draws: share(&self.mc_draws),
+            loglik: share(&self.loglik),
+        }
+    }
+
+    /// Checks `outputs` and the tensors against the likelihood, then builds the roots.
+    pub fn build(&self, outputs: &Tensor) -> Result<Vec<Tensor>> {
+        match self.likelihood {
+            Likelihood::Categorical => categorical(self, outputs),
+            Likelihood::Gaussian => gaussian(self, outputs),
+            Likelihood::Custom => custom(self, outputs),
+        }
+    }
 }
 
 fn need<'a>(t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor> {
     match t {
         Some(t) => Ok(t),
-        None => value_err(format!("{what} is required for this Fisher kind")),
+        None => value_err(format!(
+            "{what}: required for this Fisher kind and likelihood"
+        )),
     }
 }
 
-/// Checks `outputs` and `targets` against the likelihood, then builds the roots.
-pub fn build(inp: &RootInputs) -> Result<Vec<Tensor>> {
-    match inp.likelihood {
-        Likelihood::Categorical => categorical(inp),
-        Likelihood::Gaussian => gaussian(inp),
-        Likelihood::Custom => custom(inp),
-    }
-}
-
-fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
-    let out = inp.outputs;
+fn categorical(inp: &RootSpec, out: &Tensor) -> Result<Vec<Tensor>> {
     if out.dim() != 2 {
         return value_err(format!(
             "model outputs: likelihood 'categorical' expects logits of shape [N, C], got {:?}",
@@ -108,7 +158,7 @@ fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
     };
     Ok(match inp.kind {
         FisherKind::Empirical | FisherKind::Batched => {
-            let y = need(inp.targets, "targets")?;
+            let y = need(inp.targets.as_ref(), "targets")?;
             check_labels(y, n, c)?;
             let ll = labelled(y)?;
             if inp.kind == FisherKind::Batched {
@@ -127,7 +177,7 @@ fn categorical(inp: &RootInputs) -> Result<Vec<Tensor>> {
             roots
         }
         FisherKind::Mc => {
-            let labels = need(inp.mc, "mc labels")?;
+            let labels = need(inp.mc_draws.as_ref(), "mc_draws")?;
             if labels.dim() != 2 || labels.size()[0] != n {
                 return value_err(format!(
                     "mc labels: expected shape [{n}, S], got {:?}",
@@ -203,8 +253,7 @@ fn check_labels(y: &Tensor, n: i64, c: i64) -> Result<()> {
     Ok(())
 }
 
-fn gaussian(inp: &RootInputs) -> Result<Vec<Tensor>> {
-    let out = inp.outputs;
+fn gaussian(inp: &RootSpec, out: &Tensor) -> Result<Vec<Tensor>> {
     let f = match out.dim() {
         1 => out.to_kind(Kind::Float).unsqueeze(1),
         2 => out.to_kind(Kind::Float),
@@ -217,7 +266,7 @@ fn gaussian(inp: &RootInputs) -> Result<Vec<Tensor>> {
     };
     let (n, d) = (f.size()[0], f.size()[1]);
     let targets = || -> Result<Tensor> {
-        let y = need(inp.targets, "targets")?;
+        let y = need(inp.targets.as_ref(), "targets")?;
         if y.numel() as i64 != n * d {
             return value_err(format!(
                 "targets: likelihood 'gaussian' expects targets shaped like the outputs [{n}, {d}], got {:?}",
@@ -240,7 +289,7 @@ fn gaussian(inp: &RootInputs) -> Result<Vec<Tensor>> {
         // E_y[(Jᵀ(y−f))²] = Σ_d (∇f_d)² for y ~ N(f, I).
         FisherKind::Exact => (0..d).map(|k| f.select(1, k).sum(Kind::Float)).collect(),
         FisherKind::Mc => {
-            let eps = need(inp.mc, "mc noise")?;
+            let eps = need(inp.mc_draws.as_ref(), "mc_draws")?;
             if eps.dim() != 3 || eps.size()[0] != n || eps.size()[2] != d {
                 return value_err(format!(
                     "mc noise: expected shape [{n}, S, {d}], got {:?}",
@@ -257,9 +306,9 @@ fn gaussian(inp: &RootInputs) -> Result<Vec<Tensor>> {
     })
 }
 
-fn custom(inp: &RootInputs) -> Result<Vec<Tensor>> {
-    let ll = need(inp.loglik, "the per-sample log-likelihood")?;
-    let n = inp.outputs.size().first().copied().unwrap_or(0);
+fn custom(inp: &RootSpec, outputs: &Tensor) -> Result<Vec<Tensor>> {
+    let ll = need(inp.loglik.as_ref(), "loglik")?;
+    let n = outputs.size().first().copied().unwrap_or(0);
     if ll.dim() != 1 || ll.size()[0] != n {
         return value_err(format!(
             "likelihood: a callable likelihood must return the per-sample log-likelihood of \

@@ -1,6 +1,7 @@
 //! The CPU pass over raw memory: per element d = θ − θ*, g = c·F·d (written or added), and
 //! Σ F d² (f32 per block of 256, f64 overall), multi-threaded over work items.
 
+use super::memory::Addr;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -40,38 +41,45 @@ macro_rules! half_elem {
 }
 half_elem!(f16, bf16);
 
-/// One work item: `len` elements of parameter memory at address `param`, matching the flat θ*
-/// and F buffers at `offset`, with its gradient at address `grad` (written, or added to when
-/// `accumulate`). Addresses are plain integers so items can cross threads.
-#[derive(Clone, Copy, Debug)]
-pub struct Item {
-    pub param: usize,
-    pub offset: usize,
-    pub len: usize,
-    pub grad: usize,
-    pub accumulate: bool,
+/// Whether a work item's gradient overwrites its target or is added to what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    Overwrite,
+    Add,
 }
 
-/// Splits one parameter tensor (`numel` elements of `elt` bytes each) into items of at most
-/// `CHUNK` elements.
-pub fn push_items(
-    items: &mut Vec<Item>,
-    param: usize,
-    grad: usize,
-    accumulate: bool,
-    offset: usize,
-    numel: usize,
-    elt: usize,
-) {
+/// One parameter tensor as the kernel sees it: its elements at `param`, its gradient target at
+/// `grad`, and how the gradient is written.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    pub param: Addr,
+    pub grad: Addr,
+    pub write: GradWrite,
+}
+
+/// One work item: `len` elements of a target from element `start` on, matching the flat θ* and
+/// F buffers at `offset`.
+#[derive(Clone, Copy, Debug)]
+pub struct Item {
+    pub param: Addr,
+    pub grad: Addr,
+    pub write: GradWrite,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Splits a target of `numel` elements of `elt` bytes each, whose θ*/F start at `offset`, into
+/// items of at most `CHUNK` elements.
+pub fn push_items(items: &mut Vec<Item>, target: Target, offset: usize, numel: usize, elt: usize) {
     let mut start = 0;
     while start < numel {
         let len = CHUNK.min(numel - start);
         items.push(Item {
-            param: param + start * elt,
+            param: target.param.byte_add(start * elt),
+            grad: target.grad.byte_add(start * elt),
+            write: target.write,
             offset: offset + start,
             len,
-            grad: grad + start * elt,
-            accumulate,
         });
         start += len;
     }
@@ -102,8 +110,9 @@ pub fn tasks(items: &[Item]) -> Vec<Range<usize>> {
 /// # Safety
 /// Every item's addresses must point into live, contiguous memory of the stated element types:
 /// `len` elements at `param` and `grad`, `offset + len` at `star` and `fisher`; gradient ranges
-/// must not overlap each other or the inputs.
-pub unsafe fn run<P: Elem, S: Elem>(items: &[Item], star: usize, fisher: usize, glam: f32) -> f64 {
+/// must not overlap each other or the inputs (the caller checks this with
+/// `memory::writes_are_disjoint`).
+pub unsafe fn run<P: Elem, S: Elem>(items: &[Item], star: Addr, fisher: Addr, glam: f32) -> f64 {
     let wide = wide_simd();
     let task = |range: &Range<usize>| -> f64 {
         items[range.clone()]
@@ -112,13 +121,13 @@ pub unsafe fn run<P: Elem, S: Elem>(items: &[Item], star: usize, fisher: usize, 
                 // SAFETY: the caller's contract above.
                 let (theta, s, f, g) = unsafe {
                     (
-                        std::slice::from_raw_parts(it.param as *const P, it.len),
-                        std::slice::from_raw_parts((star as *const S).add(it.offset), it.len),
-                        std::slice::from_raw_parts((fisher as *const S).add(it.offset), it.len),
-                        std::slice::from_raw_parts_mut(it.grad as *mut P, it.len),
+                        std::slice::from_raw_parts(it.param.as_ptr::<P>(), it.len),
+                        std::slice::from_raw_parts(star.as_ptr::<S>().add(it.offset), it.len),
+                        std::slice::from_raw_parts(fisher.as_ptr::<S>().add(it.offset), it.len),
+                        std::slice::from_raw_parts_mut(it.grad.as_ptr::<P>(), it.len),
                     )
                 };
-                match (wide, it.accumulate) {
+                match (wide, it.write == GradWrite::Add) {
                     // SAFETY: `wide` is true only where the CPU has AVX2 and FMA.
                     (true, true) => unsafe { block_sum_avx2::<P, S, true>(theta, s, f, g, glam) },
                     (true, false) => unsafe { block_sum_avx2::<P, S, false>(theta, s, f, g, glam) },
@@ -225,11 +234,18 @@ mod tests {
 
     #[test]
     fn small_items_are_grouped_into_tasks_of_a_chunk() {
+        let buf = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
+        let at = Addr::of(&buf);
+        let target = Target {
+            param: at,
+            grad: at,
+            write: GradWrite::Overwrite,
+        };
         let mut items = Vec::new();
         for i in 0..10 {
-            push_items(&mut items, 0, 0, false, i * 10_000, 10_000, 4);
+            push_items(&mut items, target, i * 10_000, 10_000, 4);
         }
-        push_items(&mut items, 0, 0, false, 100_000, 3 * CHUNK + 5, 4);
+        push_items(&mut items, target, 100_000, 3 * CHUNK + 5, 4);
         let t = tasks(&items);
         // every item in exactly one task, in order
         let covered: Vec<usize> = t.iter().flat_map(|r| r.clone()).collect();
@@ -238,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn accumulate_adds_and_write_overwrites() {
+    fn add_adds_and_overwrite_overwrites() {
         let theta = [1.0f32; 40];
         let star = [0.5f32; 40];
         let fisher = [2.0f32; 40];

@@ -4,15 +4,17 @@
 //! θ* and F live in two flat buffers (built once per consolidation); the parameters stay where
 //! the model keeps them. On CPU one multi-threaded loop (`kernel`) reads θ, θ*, F and writes the
 //! gradient (16 bytes per float32 parameter, the memory floor), either into one flat buffer
-//! (`penalty`, for autograd) or added straight into the parameters' `.grad` (`accumulate`). On
+//! (`penalty`, for autograd) or added straight into the parameters' `.grad` (`add_to_grads`). On
 //! other devices a fixed handful of libtorch kernels runs over the flat buffers, however many
 //! parameter tensors there are.
 
 mod kernel;
+mod memory;
 
 use crate::error::{value_err, Context, EwcError, Result};
 use half::{bf16, f16};
-use kernel::{push_items, Item};
+use kernel::{push_items, GradWrite, Item, Target};
+use memory::{span, writes_are_disjoint, Addr};
 use tch::{Device, Kind, Tensor};
 
 /// Result of one penalty evaluation: the value (0-d float32 tensor, on the parameters' device),
@@ -25,10 +27,10 @@ pub struct Penalty {
     pub views: Vec<Tensor>,
 }
 
-/// Result of `accumulate`: the value, and `(index, gradient)` for each parameter whose gradient
+/// Result of `add_to_grads`: the value, and `(index, gradient)` for each parameter whose gradient
 /// could not be added in place: it had no `.grad` (install this one) or its `.grad` has another
-/// dtype or layout (add this one to it).
-pub struct Accumulated {
+/// dtype or layout, or shares memory with what the pass reads (add this one to it).
+pub struct AddedToGrads {
     pub value: Tensor,
     pub pending: Vec<(usize, Tensor)>,
 }
@@ -109,22 +111,34 @@ pub fn penalty(
                     "out: expected a buffer that starts its storage, not a slice of another tensor",
                 );
             }
+            let mut reads: Vec<_> = params.iter().map(span).collect();
+            reads.extend([span(star), span(fisher)]);
+            if !writes_are_disjoint(&reads, &[span(&t)]) {
+                return value_err(
+                    "out: expected a buffer that shares no memory with the parameters, star or \
+                     fisher",
+                );
+            }
             t
         }
         None => Tensor::f_empty([total], (kind, device)).ctx("penalty (allocate gradient)")?,
     };
     let value = if device == Device::Cpu {
         let params: Vec<Tensor> = params.iter().map(contiguous).collect();
-        let (base, elt) = (grad.data_ptr() as usize, kind.elt_size_in_bytes());
+        let (base, elt) = (Addr::of(&grad), kind.elt_size_in_bytes());
         let mut items = Vec::new();
         let mut offset = 0usize;
         for p in &params {
             let n = p.numel();
-            let at = base + offset * elt;
-            push_items(&mut items, p.data_ptr() as usize, at, false, offset, n, elt);
+            let target = Target {
+                param: Addr::of(p),
+                grad: base.byte_add(offset * elt),
+                write: GradWrite::Overwrite,
+            };
+            push_items(&mut items, target, offset, n, elt);
             offset += n;
         }
-        cpu_pass(&items, star, fisher, kind, lam, 1.0)?
+        cpu_pass(&items, star, fisher, kind, Scale { lam, grad: 1.0 })?
     } else {
         flat_ops(params, star, fisher, lam, &grad)?
     };
@@ -135,66 +149,75 @@ pub fn penalty(
 /// Adds `scale` times the penalty's gradient to the parameters' `.grad` in the same pass that
 /// computes the value (CPU only): no autograd graph, no flat buffer. Reads each `.grad` here
 /// (no per-tensor round trip through Python); parameters that do not require grad get none.
-pub fn accumulate(
+pub fn add_to_grads(
     params: &[Tensor],
     star: &Tensor,
     fisher: &Tensor,
     lam: f64,
     scale: f64,
-) -> Result<Accumulated> {
+) -> Result<AddedToGrads> {
     let (kind, device, _) = validate(params, star, fisher)?;
     if device != Device::Cpu {
         return value_err(format!(
-            "params: accumulate runs on CPU tensors, got {device:?} (use penalty there)"
+            "params: add_to_grads runs on CPU tensors, got {device:?} (use penalty there)"
         ));
     }
     let params: Vec<Tensor> = params.iter().map(contiguous).collect();
+    let mut grads = Vec::with_capacity(params.len());
+    for p in &params {
+        let g = if p.requires_grad() {
+            Some(p.f_grad().ctx("add_to_grads (read .grad)")?).filter(|g| g.defined())
+        } else {
+            None
+        };
+        let writable = g.as_ref().is_some_and(|g| {
+            g.kind() == kind
+                && g.device() == Device::Cpu
+                && g.is_contiguous()
+                && g.size() == p.size()
+        });
+        grads.push(g.filter(|_| writable));
+    }
+    // A `.grad` sharing memory with what the pass reads, or with another `.grad`, is not written
+    // in place (the kernel's contract); all gradients then go through fresh buffers.
+    let mut reads: Vec<_> = params.iter().map(span).collect();
+    reads.extend([span(star), span(fisher)]);
+    let writes: Vec<_> = grads.iter().flatten().map(span).collect();
+    if !writes_are_disjoint(&reads, &writes) {
+        grads.iter_mut().for_each(|g| *g = None);
+    }
     let elt = kind.elt_size_in_bytes();
     let mut items = Vec::new();
     let mut pending = Vec::new();
     // Gradients of parameters that take none: computed (the value needs the pass) and dropped.
     let mut scratch = Vec::new();
     let mut offset = 0usize;
-    for (i, p) in params.iter().enumerate() {
-        let n = p.numel();
-        let size = p.size();
-        let wants = p.requires_grad();
-        let grad = if wants {
-            Some(p.f_grad().ctx("accumulate (read .grad)")?).filter(|g| g.defined())
-        } else {
-            None
-        };
-        let in_place = grad.as_ref().filter(|g| {
-            g.kind() == kind && g.device() == Device::Cpu && g.is_contiguous() && g.size() == size
-        });
-        let (target, accumulate) = match in_place {
-            Some(g) => (g.data_ptr() as usize, true),
+    for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+        let (grad, write) = match g {
+            Some(g) => (Addr::of(&g), GradWrite::Add),
             None => {
-                let fresh = Tensor::f_empty(size.as_slice(), (kind, Device::Cpu))
-                    .ctx("accumulate (allocate gradient)")?;
-                let at = fresh.data_ptr() as usize;
-                if wants {
+                let fresh = Tensor::f_empty(p.size().as_slice(), (kind, Device::Cpu))
+                    .ctx("add_to_grads (allocate gradient)")?;
+                let at = Addr::of(&fresh);
+                if p.requires_grad() {
                     pending.push((i, fresh));
                 } else {
                     scratch.push(fresh);
                 }
-                (at, false)
+                (at, GradWrite::Overwrite)
             }
         };
-        push_items(
-            &mut items,
-            p.data_ptr() as usize,
-            target,
-            accumulate,
-            offset,
-            n,
-            elt,
-        );
-        offset += n;
+        let target = Target {
+            param: Addr::of(p),
+            grad,
+            write,
+        };
+        push_items(&mut items, target, offset, p.numel(), elt);
+        offset += p.numel();
     }
-    let value = cpu_pass(&items, star, fisher, kind, lam, scale)?;
+    let value = cpu_pass(&items, star, fisher, kind, Scale { lam, grad: scale })?;
     drop(scratch);
-    Ok(Accumulated { value, pending })
+    Ok(AddedToGrads { value, pending })
 }
 
 /// A contiguous tensor of the same data: `t` itself when it already is (the usual case; no
@@ -207,21 +230,29 @@ fn contiguous(t: &Tensor) -> Tensor {
     }
 }
 
+/// λ, and the factor applied to the gradient only (e.g. a gradient scaler's).
+#[derive(Clone, Copy)]
+struct Scale {
+    lam: f64,
+    grad: f64,
+}
+
 /// Runs the kernel for the dtype combination; returns the value (λ/2) Σ F d² as a 0-d tensor.
 fn cpu_pass(
     items: &[Item],
     star: &Tensor,
     fisher: &Tensor,
     kind: Kind,
-    lam: f64,
-    scale: f64,
+    scale: Scale,
 ) -> Result<Tensor> {
     let (star, fisher) = (contiguous(star), contiguous(fisher));
-    let (s, f) = (star.data_ptr() as usize, fisher.data_ptr() as usize);
-    let glam = (lam * scale) as f32;
-    // SAFETY: items were built from live contiguous tensors of `kind` (parameters, and the
-    // flat gradient or fresh/validated `.grad` tensors), and `validate` checked that `star` and
-    // `fisher` hold the parameters' total number of elements; gradient targets are distinct.
+    let (s, f) = (Addr::of(&star), Addr::of(&fisher));
+    let glam = (scale.lam * scale.grad) as f32;
+    // SAFETY: items were built from live contiguous tensors of `kind` (parameters, and the flat
+    // gradient or fresh/validated `.grad` tensors); `validate` checked that `star` and `fisher`
+    // hold the parameters' total number of elements; the callers checked with
+    // `writes_are_disjoint` that no gradient target overlaps the inputs or another target
+    // (fresh buffers overlap nothing).
     let sum = unsafe {
         match (kind, star.kind(), fisher.kind()) {
             (Kind::Float, Kind::Float, Kind::Float) => kernel::run::<f32, f32>(items, s, f, glam),
@@ -245,7 +276,7 @@ fn cpu_pass(
             }
         }
     };
-    Ok(Tensor::from((0.5 * lam * sum) as f32))
+    Ok(Tensor::from((0.5 * scale.lam * sum) as f32))
 }
 
 /// Whether `t` begins at offset 0 of its storage: `as_strided` offsets (in `views`) count from
@@ -390,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn accumulate_adds_in_place_and_returns_what_it_could_not() {
+    fn add_to_grads_adds_in_place_and_returns_what_it_could_not() {
         tch::manual_seed(1);
         let opts = (Kind::Float, Device::Cpu);
         let leaf = |s: &[i64]| Tensor::randn(s, opts).set_requires_grad(true);
@@ -408,7 +439,7 @@ mod tests {
             + (&params[2].tr() * Tensor::ones([2, 2], opts)).sum(Kind::Float);
         loss.backward();
         let g0_before = params[0].grad().copy();
-        let got = accumulate(&params, &star, &fisher, 0.7, 2.0).unwrap();
+        let got = add_to_grads(&params, &star, &fisher, 0.7, 2.0).unwrap();
         let close = |a: &Tensor, b: &Tensor| a.allclose(b, 1e-6, 1e-6, false);
         assert!(close(&got.value, &expect.value));
         assert!(close(

@@ -1,22 +1,69 @@
 //! `nn.Conv1d` / `nn.Conv2d` (zero padding, any stride, dilation and groups): the per-sample
 //! weight gradient is g_n · unfold(a_n)ᵀ per group, an unfold and a batched matmul.
 
-use super::Slots;
+use super::{Rule, Slots, Want};
 use crate::error::{value_err, Context, Result};
+use pyo3::prelude::*;
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
-pub struct ConvGeometry {
+pub struct Conv {
     /// 1 for Conv1d, 2 for Conv2d.
-    pub dims: usize,
-    pub kernel: Vec<i64>,
-    pub stride: Vec<i64>,
-    pub padding: Vec<i64>,
-    pub dilation: Vec<i64>,
-    pub groups: i64,
+    dims: usize,
+    kernel: Vec<i64>,
+    stride: Vec<i64>,
+    padding: Vec<i64>,
+    dilation: Vec<i64>,
+    groups: i64,
 }
 
-impl ConvGeometry {
+/// Reads the geometry; `None` for what the rule does not cover: padding modes other than
+/// zeros, and asymmetric `padding="same"` (an even effective kernel).
+pub fn from_module(m: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Rule>>> {
+    if m.getattr("padding_mode")?.extract::<String>()? != "zeros" {
+        return Ok(None);
+    }
+    let kernel: Vec<i64> = m.getattr("kernel_size")?.extract()?;
+    let dilation: Vec<i64> = m.getattr("dilation")?.extract()?;
+    let pad = m.getattr("padding")?;
+    let padding = if let Ok(mode) = pad.extract::<String>() {
+        match symmetric_padding(&mode, &kernel, &dilation) {
+            Some(p) => p,
+            None => return Ok(None),
+        }
+    } else {
+        pad.extract()?
+    };
+    let conv = Conv::new(
+        kernel,
+        m.getattr("stride")?.extract()?,
+        padding,
+        dilation,
+        m.getattr("groups")?.extract()?,
+    );
+    conv.map(|c| Some(Arc::new(c) as Arc<dyn Rule>))
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+}
+
+/// String padding as integers: `"valid"` is none, `"same"` pads d·(k−1)/2 on both sides when
+/// that is whole (else `None`: PyTorch pads one side more, which the unfold does not do).
+fn symmetric_padding(mode: &str, kernel: &[i64], dilation: &[i64]) -> Option<Vec<i64>> {
+    match mode {
+        "valid" => Some(vec![0; kernel.len()]),
+        "same" => kernel
+            .iter()
+            .zip(dilation)
+            .map(|(k, d)| {
+                let total = d * (k - 1);
+                (total % 2 == 0).then_some(total / 2)
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+impl Conv {
     pub fn new(
         kernel: Vec<i64>,
         stride: Vec<i64>,
@@ -46,29 +93,117 @@ impl ConvGeometry {
         })
     }
 
-    /// 2-d versions of the geometry (a 1-d conv is a 2-d conv with height 1).
-    fn as_2d(&self) -> ([i64; 2], [i64; 2], [i64; 2], [i64; 2]) {
-        if self.dims == 2 {
-            let v = |x: &Vec<i64>| [x[0], x[1]];
-            (
-                v(&self.kernel),
-                v(&self.stride),
-                v(&self.padding),
-                v(&self.dilation),
-            )
-        } else {
-            let v = |x: &Vec<i64>, one: i64| [one, x[0]];
-            (
-                v(&self.kernel, 1),
-                v(&self.stride, 1),
-                v(&self.padding, 0),
-                v(&self.dilation, 1),
-            )
+    /// The geometry in 2-d (a 1-d conv is a 2-d conv with height 1).
+    fn as_2d(&self) -> Window {
+        let pick = |x: &[i64], one: i64| {
+            if self.dims == 2 {
+                [x[0], x[1]]
+            } else {
+                [one, x[0]]
+            }
+        };
+        Window {
+            kernel: pick(&self.kernel, 1),
+            stride: pick(&self.stride, 1),
+            padding: pick(&self.padding, 0),
+            dilation: pick(&self.dilation, 1),
         }
     }
+}
 
-    /// Elements materialised per sample: the unfolded input plus the per-sample weight gradient.
-    pub fn per_sample_elems(&self, a: &Tensor, g: &Tensor) -> i64 {
+/// A 2-d sliding window.
+struct Window {
+    kernel: [i64; 2],
+    stride: [i64; 2],
+    padding: [i64; 2],
+    dilation: [i64; 2],
+}
+
+impl Window {
+    /// `[N, C, H, W]` → `[N, C·kh·kw, L]`, the columns a convolution multiplies (as `im2col`).
+    /// Built as one strided view of the zero-padded input and one copy: several times faster
+    /// than libtorch's CPU `im2col`, which loops over samples.
+    fn unfold(&self, a: &Tensor) -> Result<Tensor> {
+        let (k, s, p, d) = (self.kernel, self.stride, self.padding, self.dilation);
+        let padded = if p == [0, 0] {
+            a.contiguous()
+        } else {
+            a.f_constant_pad_nd([p[1], p[1], p[0], p[0]])
+                .ctx("conv rule (pad)")?
+        };
+        let size = padded.size();
+        let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
+        let oh = (h - d[0] * (k[0] - 1) - 1) / s[0] + 1;
+        let ow = (w - d[1] * (k[1] - 1) - 1) / s[1] + 1;
+        if oh <= 0 || ow <= 0 {
+            return value_err(format!(
+                "conv rule: input of spatial size {:?} is smaller than the kernel {k:?}",
+                &size[2..]
+            ));
+        }
+        let st = padded.stride();
+        padded
+            .f_as_strided(
+                [n, c, k[0], k[1], oh, ow],
+                [
+                    st[0],
+                    st[1],
+                    st[2] * d[0],
+                    st[3] * d[1],
+                    st[2] * s[0],
+                    st[3] * s[1],
+                ],
+                None,
+            )
+            .and_then(|v| v.f_reshape([n, c * k[0] * k[1], oh * ow]))
+            .ctx("conv rule (unfold)")
+    }
+}
+
+impl Rule for Conv {
+    fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
+        let n = a.size()[0];
+        let g = g.to_kind(Kind::Float);
+        let (a, g) = if self.dims == 1 {
+            (a.unsqueeze(2), g.unsqueeze(2))
+        } else {
+            (a.shallow_clone(), g)
+        };
+        let cout = g.size()[1];
+        let cin = a.size()[1];
+        let gr = self.groups;
+        let g3 = g.reshape([n, gr, cout / gr, -1]);
+        let w = if want.weight {
+            let window = self.as_2d();
+            let unf = window.unfold(&a.to_kind(Kind::Float))?;
+            let kk = window.kernel[0] * window.kernel[1];
+            let unf = unf.reshape([n, gr, (cin / gr) * kk, -1]);
+            if unf.size()[3] != g3.size()[3] {
+                return value_err(format!(
+                    "conv rule: unfolded input has {} positions but the output gradient has {}; \
+                     the module's geometry does not match its input",
+                    unf.size()[3],
+                    g3.size()[3]
+                ));
+            }
+            // [n, G, O/G, L] x [n, G, L, (I/G)K] -> [n, G, O/G, (I/G)K]
+            let gw = g3
+                .f_matmul(&unf.transpose(2, 3))
+                .ctx("conv rule (matmul)")?;
+            let mut shape = vec![n, cout, cin / gr];
+            shape.extend_from_slice(&self.kernel);
+            Some(gw.reshape(shape.as_slice()))
+        } else {
+            None
+        };
+        let b = want
+            .bias
+            .then(|| g3.sum_dim_intlist(3, false, Kind::Float).reshape([n, cout]));
+        Ok([w, b])
+    }
+
+    /// The unfolded input plus the per-sample weight gradient (and the output gradient).
+    fn per_sample_elems(&self, a: &Tensor, g: &Tensor) -> i64 {
         let k: i64 = self.kernel.iter().product();
         let cin = a.size()[1];
         let gs = g.size();
@@ -78,78 +213,62 @@ impl ConvGeometry {
     }
 }
 
-/// `[N, C, H, W]` → `[N, C·kh·kw, L]`, the columns a convolution multiplies (as `im2col`).
-/// Built as one strided view of the zero-padded input and one copy: several times faster than
-/// libtorch's CPU `im2col`, which loops over samples.
-fn unfold(a: &Tensor, k: [i64; 2], s: [i64; 2], p: [i64; 2], d: [i64; 2]) -> Result<Tensor> {
-    let padded = if p == [0, 0] {
-        a.contiguous()
-    } else {
-        a.f_constant_pad_nd([p[1], p[1], p[0], p[0]])
-            .ctx("conv rule (pad)")?
-    };
-    let size = padded.size();
-    let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
-    let oh = (h - d[0] * (k[0] - 1) - 1) / s[0] + 1;
-    let ow = (w - d[1] * (k[1] - 1) - 1) / s[1] + 1;
-    if oh <= 0 || ow <= 0 {
-        return value_err(format!(
-            "conv rule: input of spatial size {:?} is smaller than the kernel {k:?}",
-            &size[2..]
-        ));
-    }
-    let st = padded.stride();
-    padded
-        .f_as_strided(
-            [n, c, k[0], k[1], oh, ow],
-            [
-                st[0],
-                st[1],
-                st[2] * d[0],
-                st[3] * d[1],
-                st[2] * s[0],
-                st[3] * s[1],
-            ],
-            None,
-        )
-        .and_then(|v| v.f_reshape([n, c * k[0] * k[1], oh * ow]))
-        .ctx("conv rule (unfold)")
-}
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{autograd_per_sample, rel, OPTS};
+    use super::*;
 
-pub fn per_sample(geo: &ConvGeometry, a: &Tensor, g: &Tensor, want: [bool; 2]) -> Result<Slots> {
-    let n = a.size()[0];
-    let (a, g) = if geo.dims == 1 {
-        (a.unsqueeze(2), g.unsqueeze(2))
-    } else {
-        (a.shallow_clone(), g.shallow_clone())
-    };
-    let cout = g.size()[1];
-    let cin = a.size()[1];
-    let gr = geo.groups;
-    let g3 = g.reshape([n, gr, cout / gr, -1]);
-    let w = if want[0] {
-        let (k, s, p, d) = geo.as_2d();
-        let unf = unfold(&a.to_kind(Kind::Float), k, s, p, d)?;
-        let kk = k[0] * k[1];
-        let unf = unf.reshape([n, gr, (cin / gr) * kk, -1]);
-        if unf.size()[3] != g3.size()[3] {
-            return value_err(format!(
-                "conv rule: unfolded input has {} positions but the output gradient has {}; \
-                 the module's geometry does not match its input",
-                unf.size()[3],
-                g3.size()[3]
-            ));
-        }
-        // [n, G, O/G, L] x [n, G, L, (I/G)K] -> [n, G, O/G, (I/G)K]
-        let gw = g3
-            .f_matmul(&unf.transpose(2, 3))
-            .ctx("conv rule (matmul)")?;
-        let mut shape = vec![n, cout, cin / gr];
-        shape.extend_from_slice(&geo.kernel);
-        Some(gw.reshape(shape.as_slice()))
-    } else {
-        None
-    };
-    let b = want[1].then(|| g3.sum_dim_intlist(3, false, Kind::Float).reshape([n, cout]));
-    Ok([w, b])
+    #[test]
+    fn conv2d_matches_autograd_for_groups_dilation_stride_padding() {
+        tch::manual_seed(2);
+        let rule = Conv::new(vec![3, 2], vec![2, 1], vec![1, 2], vec![2, 1], 2).unwrap();
+        let a = Tensor::randn([3, 4, 9, 7], OPTS);
+        let w = Tensor::randn([6, 2, 3, 2], OPTS);
+        let conv = |x: &Tensor, w: &Tensor| x.conv2d::<Tensor>(w, None, [2, 1], [1, 2], [2, 1], 2);
+        let g = Tensor::randn(conv(&a, &w).size().as_slice(), OPTS);
+        let want = autograd_per_sample(&a, &g, &w, conv);
+        let got = rule.per_sample(&a, &g, Want::BOTH).unwrap();
+        assert!(rel(got[0].as_ref().unwrap(), &want) < 1e-5);
+        // Chunking must not change the sum of squares.
+        let tiny_budget = rule.sum_sq(&a, &g, Want::BOTH, 1).unwrap();
+        let big_budget = rule.sum_sq(&a, &g, Want::BOTH, 1 << 30).unwrap();
+        assert!(
+            rel(
+                tiny_budget[0].as_ref().unwrap(),
+                big_budget[0].as_ref().unwrap()
+            ) < 1e-6
+        );
+    }
+
+    #[test]
+    fn conv1d_matches_autograd() {
+        tch::manual_seed(3);
+        let rule = Conv::new(vec![3], vec![2], vec![1], vec![1], 1).unwrap();
+        let a = Tensor::randn([4, 3, 11], OPTS);
+        let w = Tensor::randn([5, 3, 3], OPTS);
+        let conv = |x: &Tensor, w: &Tensor| x.conv1d::<Tensor>(w, None, [2], [1], [1], 1);
+        let g = Tensor::randn(conv(&a, &w).size().as_slice(), OPTS);
+        let want = autograd_per_sample(&a, &g, &w, conv);
+        let got = rule.per_sample(&a, &g, Want::WEIGHT).unwrap();
+        assert!(rel(got[0].as_ref().unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn same_padding_is_covered_only_when_symmetric() {
+        assert_eq!(
+            symmetric_padding("same", &[3, 5], &[1, 2]),
+            Some(vec![1, 4])
+        );
+        assert_eq!(symmetric_padding("same", &[4], &[1]), None);
+        assert_eq!(
+            symmetric_padding("valid", &[4, 2], &[1, 1]),
+            Some(vec![0, 0])
+        );
+    }
+
+    #[test]
+    fn inconsistent_geometry_is_refused() {
+        let err = Conv::new(vec![3, 3], vec![1], vec![0, 0], vec![1, 1], 1).unwrap_err();
+        assert!(err.to_string().contains("inconsistent geometry"), "{err}");
+    }
 }

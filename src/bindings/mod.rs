@@ -1,0 +1,19 @@
+//! What crosses between Python and Rust: the typed boundary of the Fisher engine (`fisher`), the
+//! penalty's entry points (`penalty`), and the mapping of crate errors to Python exceptions.
+
+pub mod fisher;
+pub mod penalty;
+
+use crate::error::EwcError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::PyErr;
+
+impl From<EwcError> for PyErr {
+    fn from(e: EwcError) -> PyErr {
+        match e {
+            EwcError::Value(m) => PyValueError::new_err(m),
+            EwcError::Type(m) => PyTypeError::new_err(m),
+            e @ EwcError::Torch(..) => PyRuntimeError::new_err(e.to_string()),
+        }
+    }
+}
