@@ -8,6 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt | md5sum | cut -c1-12)
 OUT ?= demo_out
+# The demos and tests read their data from EWC_RS_DATA (README, "Data"). The library never looks
+# next to a checkout; this Makefile does: ../shared/data, when it exists and the variable is unset.
+ifneq ($(wildcard ../shared/data),)
+export EWC_RS_DATA ?= $(abspath ../shared/data)
+endif
 # tch links libtorch from the installed torch package; tests need its lib/ on the loader path.
 export LIBTORCH_USE_PYTORCH := 1
 # torch-sys's build script asks `python` for torch's location: make it the venv's.
