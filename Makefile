@@ -6,7 +6,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt | md5sum | cut -c1-12)
+# The one place the torch version is written (tch's libtorch must match it).
+TORCH_VERSION_FILE := python/ewc_rs/_torch_version.py
+TORCH_VERSION := $(shell sed -n 's/^TORCH_VERSION = "\(.*\)"/\1/p' $(TORCH_VERSION_FILE))
+ifeq ($(TORCH_VERSION),)
+$(error no 'TORCH_VERSION = "x.y.z"' line in $(TORCH_VERSION_FILE))
+endif
+DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt $(TORCH_VERSION_FILE) | md5sum | cut -c1-12)
 OUT ?= demo_out
 # The demos and tests read their data from EWC_RS_DATA (README, "Data"). The library never looks
 # next to a checkout; this Makefile does: ../shared/data, when it exists and the variable is unset.
@@ -25,9 +31,9 @@ TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirna
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements-dev.txt | $(PY)
+$(DEPS_STAMP): requirements-dev.txt $(TORCH_VERSION_FILE) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	rm -f $(VENV)/.deps-* && touch $@
 
@@ -55,7 +61,7 @@ test-python: build
 test: build lint test-rust test-python
 
 bench: build
-	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-bench.txt
 	$(PY) benchmarks/bench_fisher.py
 	$(PY) benchmarks/bench_penalty.py
 
