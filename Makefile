@@ -49,6 +49,8 @@ demo: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
+	$(PY) -m ruff check python tests benchmarks
+	$(PY) -m ruff format --check python tests benchmarks
 	$(PY) -m mypy python/ewc_rs
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
