@@ -6,8 +6,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt | md5sum | cut -c1-12)
+# The one place the torch version is written (tch's libtorch must match it).
+TORCH_VERSION_FILE := python/ewc_rs/_torch_version.py
+TORCH_VERSION := $(shell sed -n 's/^TORCH_VERSION = "\(.*\)"/\1/p' $(TORCH_VERSION_FILE))
+ifeq ($(TORCH_VERSION),)
+$(error no 'TORCH_VERSION = "x.y.z"' line in $(TORCH_VERSION_FILE))
+endif
+DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt $(TORCH_VERSION_FILE) | md5sum | cut -c1-12)
 OUT ?= demo_out
+# The demos and tests read their data from EWC_RS_DATA (README, "Data"). The library never looks
+# next to a checkout; this Makefile does: ../shared/data, when it exists and the variable is unset.
+ifneq ($(wildcard ../shared/data),)
+export EWC_RS_DATA ?= $(abspath ../shared/data)
+endif
 # tch links libtorch from the installed torch package; tests need its lib/ on the loader path.
 export LIBTORCH_USE_PYTORCH := 1
 # torch-sys's build script asks `python` for torch's location: make it the venv's.
@@ -20,9 +31,9 @@ TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirna
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements-dev.txt | $(PY)
+$(DEPS_STAMP): requirements-dev.txt $(TORCH_VERSION_FILE) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	rm -f $(VENV)/.deps-* && touch $@
 
@@ -38,6 +49,8 @@ demo: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
+	$(PY) -m ruff check python tests benchmarks
+	$(PY) -m ruff format --check python tests benchmarks
 	$(PY) -m mypy python/ewc_rs
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
@@ -50,7 +63,7 @@ test-python: build
 test: build lint test-rust test-python
 
 bench: build
-	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-bench.txt
 	$(PY) benchmarks/bench_fisher.py
 	$(PY) benchmarks/bench_penalty.py
 

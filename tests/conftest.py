@@ -1,17 +1,31 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the tests' default data folder.
+
+The library never looks for data next to a source checkout; the tests may: when ``EWC_RS_DATA``
+is unset and ``<repo>/../shared/data`` exists, it becomes the default for this test session
+(``make test`` exports the same folder). See :mod:`real_data`.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 
 import pytest
+
+from real_data import ENV_VAR
+
+CHECKOUT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not os.environ.get(ENV_VAR) and CHECKOUT_DATA.is_dir():
+    os.environ[ENV_VAR] = str(CHECKOUT_DATA)
+
+SEED_VAR = "EWC_RS_TEST_SEED"
 
 
 @pytest.fixture
 def seed() -> int:
-    """A fresh seed per test (``EWC_TEST_SEED`` pins it); printed, shown by pytest on failure."""
-    env = os.environ.get("EWC_TEST_SEED")
+    """A fresh seed per test (``EWC_RS_TEST_SEED`` pins it); printed, shown by pytest on failure."""
+    env = os.environ.get(SEED_VAR)
     s = int(env) if env else secrets.randbits(31)
-    print(f"seed={s} (re-run with EWC_TEST_SEED={s})")
+    print(f"seed={s} (re-run with {SEED_VAR}={s})")
     return s

@@ -3,7 +3,7 @@
 Every variant must match the float64 per-sample reference; the variants the decomposition covers
 must also really run through the rules (their parameters not in the fallback), and the others
 (cross-attention, bias_k, …) must go to the fallback and still be exact. Inputs are drawn fresh;
-the seed is printed (``EWC_TEST_SEED`` pins it).
+the seed is printed (``EWC_RS_TEST_SEED`` pins it).
 """
 
 from __future__ import annotations

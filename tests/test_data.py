@@ -1,41 +1,47 @@
-"""Tests of python/ewc_rs/data.py (IDX reading, data set discovery, train/test split).
+"""Tests of the demo's data modules: ``ewc_rs/demo/idx.py`` (IDX reading) and
+``ewc_rs/demo/datasets.py`` (data set discovery, train/test split).
 
-The module is imported by path, so these tests run without the compiled extension
-(``ewc_rs/__init__`` imports the native core).
+The modules are imported by path, as submodules of a stand-in package, so these tests run
+without the compiled extension (``ewc_rs/__init__`` imports the native core).
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
+import importlib
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
+from idx_files import write_idx
+from real_data import missing_reason, real_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+DEMO_DIR = REPO / "python" / "ewc_rs" / "demo"
+REAL_DATA: Optional[Path] = real_data_root()  # $EWC_RS_DATA (conftest's default: ../shared/data)
 
 
-def _load_module() -> ModuleType:
-    name = "ewc_rs_data_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "python" / "ewc_rs" / "data.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
+def _load_demo_module(name: str) -> ModuleType:
+    """``ewc_rs/demo/<name>.py`` as a submodule of a stand-in package whose ``__path__`` is the demo
+    folder: its relative imports (``from .idx import ...``) work, ``ewc_rs/__init__`` never runs."""
+    package = "ewc_rs_demo_under_test"
+    if package not in sys.modules:
+        stand_in = ModuleType(package)
+        stand_in.__path__ = [str(DEMO_DIR)]
+        sys.modules[package] = stand_in
+    return importlib.import_module(f"{package}.{name}")
 
 
-data = _load_module()
+idx = _load_demo_module("idx")
+data = _load_demo_module("datasets")
 
 STEMS = {
     "train_images": "train-images-idx3-ubyte",
@@ -53,9 +59,7 @@ def idx_bytes(code: int, shape: tuple[int, ...], body: bytes) -> bytes:
     return bytes([0, 0, code, len(shape)]) + struct.pack(f">{len(shape)}I", *shape) + body
 
 
-def make_dataset(
-    folder: Path, n_test: int = 50, n_train: int = 0, gz: bool = True, tag: int = 0
-) -> Path:
+def make_dataset(folder: Path, n_test: int = 50, n_train: int = 0, gz: bool = True, tag: int = 0) -> Path:
     """Write a small synthetic data set; pixel [0, 0] holds ``tag`` to tell folders apart."""
     folder.mkdir(parents=True, exist_ok=True)
     suffix = ".gz" if gz else ""
@@ -65,21 +69,20 @@ def make_dataset(
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         images[:, 0, 0] = tag
         labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        data.write_idx(folder / (STEMS[f"{split}_images"] + suffix), images)
-        data.write_idx(folder / (STEMS[f"{split}_labels"] + suffix), labels)
+        write_idx(folder / (STEMS[f"{split}_images"] + suffix), images)
+        write_idx(folder / (STEMS[f"{split}_labels"] + suffix), labels)
     return folder
 
 
 @pytest.fixture
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """No default place holds data: fresh cwd and home, no env var, no repo or Debian folder."""
+    """No default place holds data: fresh cwd and home, no env var, no Debian folder."""
     cwd = tmp_path / "work" / "cwd"
     cwd.mkdir(parents=True)
     (tmp_path / "home").mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setattr(data, "_repo_data_root", lambda: None)
     monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", tmp_path / "debian" / "fashion-mnist")
     yield tmp_path
 
@@ -88,15 +91,17 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _real(sub: str, fname: str) -> Path:
-    p = SHARED_DATA / sub / fname
+    if REAL_DATA is None:
+        pytest.skip(missing_reason())
+    p = REAL_DATA / sub / fname
     if not p.is_file():
         pytest.skip(f"real data file {p} not present")
     return p
 
 
 def test_real_mnist_t10k() -> None:
-    images = data.read_idx(_real("mnist", "t10k-images-idx3-ubyte.gz"))
-    labels = data.read_idx(_real("mnist", "t10k-labels-idx1-ubyte.gz"))
+    images = idx.read_idx(_real("mnist", "t10k-images-idx3-ubyte.gz"))
+    labels = idx.read_idx(_real("mnist", "t10k-labels-idx1-ubyte.gz"))
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (10000,) and labels.dtype == np.uint8
     assert labels.min() == 0 and labels.max() == 9
@@ -104,8 +109,8 @@ def test_real_mnist_t10k() -> None:
 
 
 def test_real_fashion_train() -> None:
-    images = data.read_idx(_real("fashion-mnist", "train-images-idx3-ubyte.gz"))
-    labels = data.read_idx(_real("fashion-mnist", "train-labels-idx1-ubyte.gz"))
+    images = idx.read_idx(_real("fashion-mnist", "train-images-idx3-ubyte.gz"))
+    labels = idx.read_idx(_real("fashion-mnist", "train-labels-idx1-ubyte.gz"))
     assert images.shape == (60000, 28, 28) and labels.shape == (60000,)
     assert labels.min() == 0 and labels.max() == 9
 
@@ -113,25 +118,41 @@ def test_real_fashion_train() -> None:
 def test_real_load_split() -> None:
     _real("mnist", "t10k-images-idx3-ubyte.gz")
     _real("fashion-mnist", "train-images-idx3-ubyte.gz")
-    m = data.load_split("mnist", SHARED_DATA)
+    m = data.load_split("mnist", REAL_DATA)
     assert m.source == "t10k-split" and "8000" in m.note
     assert m.x_train.shape == (8000, 28, 28) and m.x_test.shape == (2000, 28, 28)
     assert m.x_train.dtype == torch.float32 and m.y_train.dtype == torch.int64
     assert 0.0 <= float(m.x_train.min()) and float(m.x_train.max()) <= 1.0
-    f = data.load_split("fashion-mnist", SHARED_DATA)
+    f = data.load_split("fashion-mnist", REAL_DATA)
     assert f.source == "official"
     assert f.x_train.shape == (60000, 28, 28) and f.x_test.shape == (10000, 28, 28)
     assert int(f.y_test.min()) == 0 and int(f.y_test.max()) == 9
 
 
-def test_repo_default_finds_shared_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without arguments, the source checkout's ../shared/data is searched (cwd elsewhere)."""
+def test_env_var_finds_real_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without arguments, ``$EWC_RS_DATA`` is searched (cwd and home elsewhere)."""
     _real("mnist", "t10k-images-idx3-ubyte.gz")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv(data.ENV_VAR, str(REAL_DATA))
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert SHARED_DATA / "mnist" in data.candidate_dirs("mnist")
-    assert data.find_dataset("mnist").directory == SHARED_DATA / "mnist"
+    assert REAL_DATA is not None and REAL_DATA / "mnist" in data.candidate_dirs("mnist")
+    assert data.find_dataset("mnist").directory == REAL_DATA / "mnist"
+
+
+def test_never_searches_cwd_or_checkout(isolated: Path) -> None:
+    """Data next to the current directory or to the source checkout is not found by default."""
+    cwd = isolated / "work" / "cwd"
+    planted = [
+        make_dataset(isolated / "work" / "shared" / "data" / "mnist"),  # cwd/../shared/data
+        make_dataset(cwd / "data" / "mnist"),  # ./data
+        make_dataset(cwd / "data" / "MNIST" / "raw"),  # ./data in torchvision's layout
+        make_dataset(cwd / "mnist"),  # ./mnist
+    ]
+    dirs = data.candidate_dirs("mnist")
+    for d in planted + [(REPO / ".." / "shared" / "data" / "mnist").resolve()]:
+        assert d not in dirs
+    with pytest.raises(data.DataError, match=r"\$EWC_RS_DATA is unset"):
+        data.find_dataset("mnist")
 
 
 # --------------------------------------------------------------------------- IDX round trips
@@ -142,8 +163,8 @@ def test_repo_default_finds_shared_data(tmp_path: Path, monkeypatch: pytest.Monk
 def test_round_trip(tmp_path: Path, dtype: str, gz: bool) -> None:
     rng = np.random.default_rng(1)
     a = (rng.standard_normal((3, 4, 5)) * 100).astype(dtype)
-    path = data.write_idx(tmp_path / ("a.idx" + (".gz" if gz else "")), a)
-    b = data.read_idx(path)
+    path = write_idx(tmp_path / ("a.idx" + (".gz" if gz else "")), a)
+    b = idx.read_idx(path)
     assert b.dtype == np.dtype(dtype) and b.dtype.isnative
     assert b.shape == (3, 4, 5)
     np.testing.assert_array_equal(a, b)
@@ -159,7 +180,7 @@ def test_read_handwritten(tmp_path: Path, code: int, dtype: str) -> None:
     (tmp_path / "x").write_bytes(raw)
     (tmp_path / "x.gz").write_bytes(gzip.compress(raw))
     for p in (tmp_path / "x", tmp_path / "x.gz"):
-        got = data.read_idx(p)
+        got = idx.read_idx(p)
         assert got.shape == (2, 3)
         np.testing.assert_array_equal(got, [[1, 2, 3], [4, 5, 6]])
 
@@ -167,13 +188,13 @@ def test_read_handwritten(tmp_path: Path, code: int, dtype: str) -> None:
 def test_gzip_detected_by_content(tmp_path: Path) -> None:
     p = tmp_path / "no-suffix"
     p.write_bytes(gzip.compress(idx_bytes(0x08, (4,), bytes([9, 8, 7, 6]))))
-    assert data.read_idx(p).tolist() == [9, 8, 7, 6]
+    assert idx.read_idx(p).tolist() == [9, 8, 7, 6]
 
 
 def test_empty_dimension(tmp_path: Path) -> None:
     p = tmp_path / "empty"
     p.write_bytes(idx_bytes(0x08, (0, 28, 28), b""))
-    assert data.read_idx(p).shape == (0, 28, 28)
+    assert idx.read_idx(p).shape == (0, 28, 28)
 
 
 # --------------------------------------------------------------------------- corrupt files
@@ -182,8 +203,8 @@ GOOD = idx_bytes(0x08, (2, 3), bytes(range(6)))
 
 
 def _expect_error(path: Path, *fragments: str) -> str:
-    with pytest.raises(data.DataError) as info:
-        data.read_idx(path)
+    with pytest.raises(idx.DataError) as info:
+        idx.read_idx(path)
     msg = str(info.value)
     assert str(path) in msg
     for frag in fragments:
@@ -245,16 +266,16 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_write_idx_rejects_unsupported() -> None:
     with pytest.raises(ValueError):
-        data.write_idx("unused", np.zeros(3, dtype=np.uint32))
+        write_idx("unused", np.zeros(3, dtype=np.uint32))
     with pytest.raises(ValueError):
-        data.write_idx("unused", np.float32(1.0))
+        write_idx("unused", np.float32(1.0))
 
 
 # --------------------------------------------------------------------------- discovery
 
 
 def test_data_dir_beats_env_beats_defaults(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    default = make_dataset(isolated / "work" / "shared" / "data" / "mnist", tag=1)  # cwd/../shared/data
+    default = make_dataset(isolated / "home" / ".torch" / "mnist", tag=1)  # ~/.torch
     env_root = isolated / "env"
     make_dataset(env_root / "mnist", tag=2)
     arg_root = isolated / "arg"
@@ -282,9 +303,9 @@ def test_torchvision_layout(isolated: Path, name: str, sub: str) -> None:
     found = data.find_dataset(name, isolated / "tv")
     assert found.directory == folder and found.has_train
     assert found.test_images.name == "t10k-images-idx3-ubyte"
-    # ./data is a default torchvision root
-    make_dataset(isolated / "work" / "cwd" / "data" / sub)
-    assert data.find_dataset(name).directory == isolated / "work" / "cwd" / "data" / sub
+    # ~/.torch is a default root, in torchvision's layout too (./data is not: see above)
+    make_dataset(isolated / "home" / ".torch" / sub)
+    assert data.find_dataset(name).directory == isolated / "home" / ".torch" / sub
 
 
 def test_named_folder_as_data_dir(isolated: Path) -> None:
@@ -305,7 +326,7 @@ def test_debian_folder_fashion_only(isolated: Path) -> None:
 def test_raw_preferred_over_gz_and_train_optional(isolated: Path) -> None:
     folder = make_dataset(isolated / "r" / "mnist", gz=True)
     make_dataset(folder, gz=False)
-    data.write_idx(folder / (STEMS["train_images"] + ".gz"), np.zeros((1, 28, 28), np.uint8))
+    write_idx(folder / (STEMS["train_images"] + ".gz"), np.zeros((1, 28, 28), np.uint8))
     found = data.find_dataset("mnist", isolated / "r")
     assert found.test_images.suffix == "" and found.test_labels.suffix == ""
     assert not found.has_train and found.train_images is None  # labels missing: no train pair
@@ -315,7 +336,7 @@ def test_missing_lists_places(isolated: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(data.ENV_VAR, str(isolated / "envroot"))
     half = isolated / "arg" / "fashion-mnist"
     half.mkdir(parents=True)
-    data.write_idx(half / (STEMS["test_images"] + ".gz"), np.zeros((1, 28, 28), np.uint8))
+    write_idx(half / (STEMS["test_images"] + ".gz"), np.zeros((1, 28, 28), np.uint8))
     with pytest.raises(data.DataError) as info:
         data.find_dataset("fashion-mnist", isolated / "arg")
     msg = str(info.value)
@@ -327,6 +348,7 @@ def test_missing_lists_places(isolated: Path, monkeypatch: pytest.MonkeyPatch) -
     assert msg.index(str(isolated / "arg")) < msg.index(str(isolated / "envroot"))
     for hint in (data.ENV_VAR, "download=True", "dataset-fashion-mnist", "--data"):
         assert hint in msg
+    assert f"set {data.ENV_VAR}=DIR or pass --data DIR" in msg
     with pytest.raises(data.DataError):
         data.load_split("fashion-mnist", isolated / "arg")
 
@@ -346,8 +368,8 @@ def _indexed_t10k(folder: Path, n: int = 10000) -> Path:
     idx = np.arange(n)
     images[:, 0, 0] = idx % 256
     images[:, 0, 1] = idx // 256
-    data.write_idx(folder / STEMS["test_images"], images)
-    data.write_idx(folder / STEMS["test_labels"], (idx % 10).astype(np.uint8))
+    write_idx(folder / STEMS["test_images"], images)
+    write_idx(folder / STEMS["test_labels"], (idx % 10).astype(np.uint8))
     return folder
 
 
@@ -381,7 +403,7 @@ def test_official_split_used_when_train_present(isolated: Path) -> None:
     s = data.load_split("fashion-mnist", isolated / "o", seed=123)
     assert s.source == "official" and str(folder) in s.note
     assert s.x_train.shape == (70, 28, 28) and s.x_test.shape == (30, 28, 28)
-    expected = torch.from_numpy(data.read_idx(folder / (STEMS["train_images"] + ".gz"))).float() / 255
+    expected = torch.from_numpy(idx.read_idx(folder / (STEMS["train_images"] + ".gz"))).float() / 255
     assert torch.equal(s.x_train, expected)
     assert s.files is not None and s.files.has_train
 
@@ -389,13 +411,13 @@ def test_official_split_used_when_train_present(isolated: Path) -> None:
 def test_bad_content_rejected(isolated: Path) -> None:
     folder = isolated / "bad" / "mnist"
     folder.mkdir(parents=True)
-    data.write_idx(folder / STEMS["test_images"], np.zeros((3, 28, 28), np.uint8))
-    data.write_idx(folder / STEMS["test_labels"], np.array([1, 2, 10], np.uint8))
+    write_idx(folder / STEMS["test_images"], np.zeros((3, 28, 28), np.uint8))
+    write_idx(folder / STEMS["test_labels"], np.array([1, 2, 10], np.uint8))
     with pytest.raises(data.DataError, match="outside 0..9"):
         data.load_split("mnist", folder.parent)
-    data.write_idx(folder / STEMS["test_labels"], np.array([1, 2], np.uint8))
+    write_idx(folder / STEMS["test_labels"], np.array([1, 2], np.uint8))
     with pytest.raises(data.DataError, match="2 labels for 3 images"):
         data.load_split("mnist", folder.parent)
-    data.write_idx(folder / STEMS["test_images"], np.zeros((2, 14, 14), np.uint8))
+    write_idx(folder / STEMS["test_images"], np.zeros((2, 14, 14), np.uint8))
     with pytest.raises(data.DataError, match=r"\[N, 28, 28\]"):
         data.load_split("mnist", folder.parent)

@@ -1,6 +1,8 @@
-"""The demo's quick mode (``python -m ewc_rs.demo seed|permuted --quick``) and its data errors.
+"""The demo's quick mode (``python -m ewc_rs.demo seed|permuted --quick``), its data errors, and
+its run without matplotlib.
 
-Skipped when the project's data (``../shared/data`` next to the repository) is missing.
+The data comes from ``$EWC_RS_DATA`` (conftest defaults it to ``../shared/data`` next to the
+repository); tests that need it skip, saying why, when it is missing.
 """
 
 from __future__ import annotations
@@ -9,20 +11,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_CANDIDATES = [REPO / ".." / "shared" / "data", Path("/work/shared/data")]
-DATA = next((d.resolve() for d in DATA_CANDIDATES
-             if (d / "mnist").is_dir() and (d / "fashion-mnist").is_dir()), None)
+from real_data import missing_reason, real_data_root
 
-pytestmark = pytest.mark.skipif(
-    DATA is None, reason="data missing: ../shared/data (mnist/, fashion-mnist/) not found next to the repository"
-)
+DATA = real_data_root()
+needs_data = pytest.mark.skipif(DATA is None, reason=missing_reason())
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEED_ROWS = {"no_ewc", "ewc_batched", "ewc_exact", "ewc_exact_bn_update"}
@@ -52,6 +50,7 @@ def _is_accuracy(v: object) -> bool:
     return isinstance(v, float) and 0.0 <= v <= 1.0
 
 
+@needs_data
 def test_seed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _demo_main(["seed", "--quick", "--data", str(DATA), "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "seed.json").read_text())
@@ -67,6 +66,7 @@ def test_seed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "| ewc_exact |" in out and "MNIST after B" in out
 
 
+@needs_data
 def test_permuted_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _demo_main(["permuted", "--quick", "--data", str(DATA), "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "permuted.json").read_text())
@@ -93,7 +93,11 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "ewc_rs.demo", "seed", "--quick", "--data", str(missing), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -112,6 +116,7 @@ def test_data_dir_without_the_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "t10k-labels-idx1-ubyte" in err and "torchvision" in err
 
 
+@needs_data
 def test_data_dir_with_torchvision_layout(tmp_path: Path) -> None:
     """``--data`` accepts torchvision's ``<root>/MNIST/raw`` layout."""
     from ewc_rs.demo.train import load_data
@@ -124,3 +129,28 @@ def test_data_dir_with_torchvision_layout(tmp_path: Path) -> None:
     assert split.files is not None and split.files.directory == raw
     if split.source == "t10k-split":
         assert split.x_train.shape == (8000, 28, 28) and split.x_test.shape == (2000, 28, 28)
+
+
+def test_plots_available_without_matplotlib(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ewc_rs.demo.plots import PLOTS_SKIPPED, plots_available
+
+    assert "pip install 'ewc_rs[demo]'" in PLOTS_SKIPPED
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    assert plots_available() is False
+    assert capsys.readouterr().out == PLOTS_SKIPPED + "\n"
+
+
+@needs_data
+def test_seed_quick_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without matplotlib the demo runs, writes its JSON, no PNG, and says once how to get the plots."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _demo_main(["seed", "--quick", "--data", str(DATA), "--out", str(tmp_path)]) == 0
+    assert set(json.loads((tmp_path / "seed.json").read_text())["seed"]) == SEED_ROWS
+    assert list(tmp_path.glob("*.png")) == []
+    out = capsys.readouterr().out
+    assert out.count("pip install 'ewc_rs[demo]'") == 1
+    assert "| ewc_exact |" in out and "seed.png" not in out

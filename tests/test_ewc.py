@@ -1,7 +1,7 @@
 """Tests of the ``EWC`` class and the fused penalty against the pure-PyTorch reference.
 
 Every random input is drawn fresh on each run; the seed is printed and is part of every assertion
-message. Re-run a failure with ``EWC_TEST_SEED=<seed>``. The reference is ``naive_penalty`` from
+message. Re-run a failure with ``EWC_RS_TEST_SEED=<seed>``. The reference is ``naive_penalty`` from
 ``tests/reference.py``: (λ/2) Σ_i F_i (θ_i − θ*_i)² with ordinary torch ops in float64.
 """
 

@@ -1,16 +1,18 @@
 """Runs the notebooks top to bottom in their quick setting (``EWC_RS_QUICK=1``) with nbclient.
 
-Skipped when nbclient/nbformat/ipykernel are not installed or the data (``../shared/data``) is
-missing. The notebooks are stored with outputs stripped; this test also checks that.
+Skipped when nbclient/nbformat/ipykernel are not installed or the data (``$EWC_RS_DATA``, which
+conftest defaults to ``../shared/data`` next to the repository) is missing. The notebooks are
+stored with outputs stripped; this test also checks that.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
+
+from real_data import missing_reason, real_data_root
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -18,9 +20,7 @@ pytest.importorskip("ipykernel")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-DATA_CANDIDATES = [REPO / ".." / "shared" / "data", Path("/work/shared/data")]
-DATA = next((d.resolve() for d in DATA_CANDIDATES
-             if (d / "mnist").is_dir() and (d / "fashion-mnist").is_dir()), None)
+DATA = real_data_root()
 
 
 def _kernel_name() -> str:
@@ -55,7 +55,7 @@ def test_outputs_stripped(path: Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs not stripped"
 
 
-@pytest.mark.skipif(DATA is None, reason="data missing: ../shared/data (mnist/, fashion-mnist/) not found")
+@pytest.mark.skipif(DATA is None, reason=missing_reason())
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The kernel inherits this process's environment.
@@ -64,11 +64,19 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
-        nb, kernel_name=_kernel_name(), timeout=600, resources={"metadata": {"path": str(tmp_path)}},
+        nb,
+        kernel_name=_kernel_name(),
+        timeout=600,
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+    ]
     assert images, f"{path.name}: no figure was shown"

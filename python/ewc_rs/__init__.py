@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch as _torch
 
-_EXPECTED_TORCH = "2.11.0"
+from ._torch_version import TORCH_VERSION as _EXPECTED_TORCH
+
 _found = _torch.__version__.split("+")[0]
 if _found != _EXPECTED_TORCH:
     raise ImportError(

@@ -4,7 +4,10 @@
 * :mod:`.permuted`: permuted MNIST (Kirkpatrick et al. 2017), six methods.
 * :mod:`.sweep`: the validation sweep that chose the permuted demo's λ values.
 * :mod:`.models`, :mod:`.train`, :mod:`.plots`: the models, a plain PyTorch training loop
-  (``loss = ce + ewc.penalty(model)``), accuracy, data loading, figures.
+  (``loss = ce + ewc.penalty(model)``), accuracy, figures.
+* :mod:`.datasets`, :mod:`.idx`: finding MNIST / Fashion-MNIST on disk (``--data DIR`` or
+  ``$EWC_RS_DATA``) and reading their IDX files. The core package ``ewc_rs`` never imports them.
 
-Needs matplotlib (``pip install ewc_rs[demo]``).
+The figures need matplotlib (``pip install 'ewc_rs[demo]'``); without it the demos still run,
+skip the figures and say so in one line.
 """

@@ -4,7 +4,8 @@
     python -m ewc_rs.demo permuted [--data DIR] [--out DIR] [--quick] [--device cpu] [--seed 0] [--lam 1000]
                                    [--tasks 5]
 
-Each prints a table and writes JSON plus PNG figures into ``--out`` (default ``demo_out``).
+Each prints a table and writes JSON plus PNG figures into ``--out`` (default ``demo_out``); without
+matplotlib the figures are skipped, with one line saying how to get them.
 Data problems (files missing, truncated, corrupt) are reported as one clear message, exit status 2.
 """
 
@@ -12,43 +13,55 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ewc_rs.demo",
         description="Elastic Weight Consolidation demos: the seed article's MNIST → Fashion-MNIST table "
-                    "and Kirkpatrick et al.'s permuted MNIST.",
+        "and Kirkpatrick et al.'s permuted MNIST.",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", metavar="DIR", default=None,
-                        help="folder holding the IDX files (mnist/, fashion-mnist/ or torchvision's "
-                             "MNIST/raw, FashionMNIST/raw); default: $EWC_RS_DATA, ../shared/data, "
-                             "the usual places")
+    common.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="folder holding the IDX files (mnist/, fashion-mnist/ or torchvision's "
+        "MNIST/raw, FashionMNIST/raw); default: $EWC_RS_DATA, ~/.torch, "
+        "Debian's /usr/share/datasets/fashion-mnist",
+    )
     common.add_argument("--out", metavar="DIR", default="demo_out", help="output folder (default: demo_out)")
-    common.add_argument("--quick", action="store_true",
-                        help="small subsets and 1 epoch: a smoke test, not a result")
+    common.add_argument("--quick", action="store_true", help="small subsets and 1 epoch: a smoke test, not a result")
     common.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     common.add_argument("--seed", type=int, default=0, help="seed of weights, batch order, permutations")
-    common.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: $EWC_RS_THREADS or 1; see ewc_rs.demo.train.set_threads)")
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: $EWC_RS_THREADS or 1; see ewc_rs.demo.train.set_threads)",
+    )
     common.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{seed,permuted}")
     p_seed = sub.add_parser("seed", parents=[common], help="MNIST → Fashion-MNIST, the seed article's table")
-    p_seed.add_argument("--lam", type=float, default=None,
-                        help="λ of the exact-Fisher rows (default 100; the batched row keeps 1e5)")
+    p_seed.add_argument(
+        "--lam", type=float, default=None, help="λ of the exact-Fisher rows (default 100; the batched row keeps 1e5)"
+    )
     p_perm = sub.add_parser("permuted", parents=[common], help="permuted MNIST, six methods")
-    p_perm.add_argument("--lam", type=float, default=None,
-                        help="λ of ewc_exact, ewc_empirical, ewc_mc (batched: 100 × λ); default: the "
-                             "validation sweep's choice")
+    p_perm.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help="λ of ewc_exact, ewc_empirical, ewc_mc (batched: 100 × λ); default: the validation sweep's choice",
+    )
     p_perm.add_argument("--tasks", type=int, default=None, help="number of tasks (default 5; quick: 3)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..data import DataError
+    from .idx import DataError
     from .train import set_threads
 
     set_threads(args.threads)
@@ -56,13 +69,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "seed":
             from .seed import run_seed
 
-            run_seed(args.data, args.out, quick=args.quick, device=args.device, seed=args.seed,
-                     lam=args.lam, progress=args.progress)
+            run_seed(
+                args.data,
+                args.out,
+                quick=args.quick,
+                device=args.device,
+                seed=args.seed,
+                lam=args.lam,
+                progress=args.progress,
+            )
         else:
             from .permuted import run_permuted
 
-            run_permuted(args.data, args.out, quick=args.quick, tasks=args.tasks, device=args.device,
-                         seed=args.seed, lam=args.lam, progress=args.progress)
+            run_permuted(
+                args.data,
+                args.out,
+                quick=args.quick,
+                tasks=args.tasks,
+                device=args.device,
+                seed=args.seed,
+                lam=args.lam,
+                progress=args.progress,
+            )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

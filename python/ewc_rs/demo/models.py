@@ -26,25 +26,31 @@ def _seeded(seed: int, build):  # type: ignore[no-untyped-def]
 
 def seed_model(seed: int = 0) -> nn.Sequential:
     """The seed article's MLP with two BatchNorm layers (10 + 79.5k parameters)."""
-    return _seeded(seed, lambda: nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 100),
-        nn.ReLU(),
-        nn.BatchNorm1d(100),
-        nn.Linear(100, 100),
-        nn.ReLU(),
-        nn.BatchNorm1d(100),
-        nn.Linear(100, 10),
-    ))
+    return _seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 100),
+            nn.ReLU(),
+            nn.BatchNorm1d(100),
+            nn.Linear(100, 100),
+            nn.ReLU(),
+            nn.BatchNorm1d(100),
+            nn.Linear(100, 10),
+        ),
+    )
 
 
 def permuted_mlp(seed: int = 0, hidden: int = 256) -> nn.Sequential:
     """MLP 784-256-256-10 with ReLU, no normalisation layers (269k parameters)."""
-    return _seeded(seed, lambda: nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    ))
+    return _seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
+        ),
+    )

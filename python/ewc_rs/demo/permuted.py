@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ METHODS = ("none", "l2", "ewc_exact", "ewc_empirical", "ewc_mc", "ewc_batched")
 
 PERMUTED_CONFIG: dict[str, Any] = {
     "tasks": 5,
-    "train_samples": None,       # all
+    "train_samples": None,  # all
     "epochs": 3,
     "batch_size": 100,
     "lr": 1e-3,
@@ -103,8 +104,14 @@ class L2Anchor:
         return 0.5 * self.lam * total
 
 
-def make_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-               num_tasks: int, seed: int = 0) -> list[Task]:
+def make_tasks(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_tasks: int,
+    seed: int = 0,
+) -> list[Task]:
     """``num_tasks`` permuted copies ``(x_train, y_train, x_test, y_test)`` with flat images
     ``[N, 784]``; task 0 keeps the pixel order, task t > 0 uses the t-th permutation drawn from
     ``torch.Generator().manual_seed(1000 + seed)``."""
@@ -120,8 +127,15 @@ def make_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tenso
     return tasks
 
 
-def run_method(method: str, tasks: Sequence[Task], cfg: dict[str, Any], *, seed: int = 0,
-               device: Union[str, torch.device] = "cpu", progress: bool = False) -> list[list[float]]:
+def run_method(
+    method: str,
+    tasks: Sequence[Task],
+    cfg: dict[str, Any],
+    *,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> list[list[float]]:
     """Learns ``tasks`` in order with one method; returns the accuracy matrix
     ``acc[i][j]`` = test accuracy on task j after learning task i (j ≤ i)."""
     if method not in METHODS:
@@ -137,19 +151,25 @@ def run_method(method: str, tasks: Sequence[Task], cfg: dict[str, Any], *, seed:
     matrix: list[list[float]] = []
     for t, (xtr, ytr, _, _) in enumerate(tasks):
         loader = TensorLoader(xtr, ytr, cfg["batch_size"], shuffle=True, seed=seed * 100 + t)
-        train_task(model, loader, epochs=cfg["epochs"], lr=cfg["lr"],
-                   penalty=None if reg is None else reg.penalty,
-                   progress=f"{method}, task {t + 1}" if progress else False)
-        matrix.append([accuracy(model, xte, yte) for (_, _, xte, yte) in tasks[:t + 1]])
+        train_task(
+            model,
+            loader,
+            epochs=cfg["epochs"],
+            lr=cfg["lr"],
+            penalty=None if reg is None else reg.penalty,
+            progress=f"{method}, task {t + 1}" if progress else False,
+        )
+        matrix.append([accuracy(model, xte, yte) for (_, _, xte, yte) in tasks[: t + 1]])
         if t + 1 < len(tasks):  # consolidate the task just learned (not needed after the last)
             if method == "l2":
                 reg.consolidate()
             elif method.startswith("ewc_"):
-                kind = method[len("ewc_"):]
+                kind = method[len("ewc_") :]
                 fisher_loader = TensorLoader(xtr, ytr, cfg["batch_size"], shuffle=True, seed=seed * 100 + 50 + t)
                 if kind == "batched":
-                    reg.consolidate(fisher_loader, kind="batched",
-                                    num_samples=min(cfg["fisher_samples_batched"], len(xtr)))
+                    reg.consolidate(
+                        fisher_loader, kind="batched", num_samples=min(cfg["fisher_samples_batched"], len(xtr))
+                    )
                 else:
                     opts = {"generator": gen} if kind == "mc" else {}
                     reg.consolidate(fisher_loader, kind=kind, num_samples=min(cfg["fisher_samples"], len(xtr)), **opts)
@@ -175,7 +195,8 @@ def run_permuted(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Runs every method, prints the table, writes ``permuted.json``, ``permuted.png`` and
-    ``permuted_matrix.png`` into ``out``.
+    ``permuted_matrix.png`` into ``out``. Without matplotlib the figures are skipped, and one
+    line says how to get them.
 
     Args:
         data: folder with the MNIST IDX files (``--data``); None searches the usual places.
@@ -192,8 +213,9 @@ def run_permuted(
     Returns:
         ``{"permuted": {method: [avg accuracy after each task]}, "matrix": {method: matrix}}``.
     """
-    from .plots import plot_matrices, plot_permuted
+    from .plots import plot_matrices, plot_permuted, plots_available
 
+    with_plots = plots_available()  # said now, not after minutes of training
     cfg = dict(QUICK_CONFIG if quick else PERMUTED_CONFIG)
     cfg["lam"] = dict(cfg["lam"])
     if tasks is not None:
@@ -212,8 +234,9 @@ def run_permuted(
     mnist = load_data("mnist", data, seed=0)
     say(mnist.note)
     xtr, ytr = subset(mnist.x_train, mnist.y_train, cfg["train_samples"], seed=seed)
-    task_list = make_tasks(xtr.to(device), ytr.to(device), mnist.x_test.to(device), mnist.y_test.to(device),
-                           cfg["tasks"], seed=seed)
+    task_list = make_tasks(
+        xtr.to(device), ytr.to(device), mnist.x_test.to(device), mnist.y_test.to(device), cfg["tasks"], seed=seed
+    )
 
     curves: dict[str, list[float]] = {}
     matrices: dict[str, list[list[float]]] = {}
@@ -225,14 +248,19 @@ def run_permuted(
 
     payload = {"permuted": curves, "matrix": matrices}
     (out / "permuted.json").write_text(json.dumps(payload, indent=2) + "\n")
-    suffix = " (quick setting)" if quick else ""
-    plot_permuted(curves, out / "permuted.png", title=f"Permuted MNIST, {cfg['tasks']} tasks{suffix}")
-    plot_matrices(matrices, out / "permuted_matrix.png", title=f"Accuracy on task j after task i{suffix}")
+    written = [out / "permuted.json"]
+    if with_plots:
+        suffix = " (quick setting)" if quick else ""
+        plot_permuted(curves, out / "permuted.png", title=f"Permuted MNIST, {cfg['tasks']} tasks{suffix}")
+        plot_matrices(matrices, out / "permuted_matrix.png", title=f"Accuracy on task j after task i{suffix}")
+        written += [out / "permuted.png", out / "permuted_matrix.png"]
     if verbose:
         print()
         print(format_permuted_table(curves, cfg["lam"]))
-        print(f"\nwrote {out / 'permuted.json'}, {out / 'permuted.png'} and {out / 'permuted_matrix.png'} "
-              f"({time.perf_counter() - t_start:.1f} s in all{', quick setting' if quick else ''})")
+        print(
+            f"\nwrote {', '.join(map(str, written))} "
+            f"({time.perf_counter() - t_start:.1f} s in all{', quick setting' if quick else ''})"
+        )
     return payload
 
 

@@ -3,28 +3,61 @@
 Figures are built with the object-oriented API (``matplotlib.figure.Figure``, rendered by the Agg
 canvas on ``savefig``), not through ``pyplot``: no display is needed and importing this module
 does not change the backend of the caller (e.g. Jupyter's inline backend).
+
+matplotlib is optional (the ``demo`` extra): this module imports it only when a figure is made,
+and the demos ask :func:`plots_available` first, so without it they run and skip the figures.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-from matplotlib.figure import Figure
 
-__all__ = ["plot_seed", "plot_permuted", "plot_matrices"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["PLOTS_SKIPPED", "plots_available", "plot_seed", "plot_permuted", "plot_matrices"]
+
+PLOTS_SKIPPED = "plots skipped: matplotlib is not installed; pip install 'ewc_rs[demo]' to get them"
+"""The one line a demo prints when it cannot draw its figures."""
 
 _LABELS = {"mnist_after_a": "MNIST after A", "mnist_after_b": "MNIST after B", "fashion_after_b": "Fashion after B"}
 
 
-def plot_seed(results: dict[str, dict[str, float]], path: Optional[Union[str, Path]] = None, *,
-              title: str = "MNIST → Fashion-MNIST") -> Figure:
+def plots_available() -> bool:
+    """Whether matplotlib can be imported; when not, prints :data:`PLOTS_SKIPPED` (one line).
+
+    Returns:
+        True when the ``plot_*`` functions can draw.
+    """
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        print(PLOTS_SKIPPED, flush=True)
+        return False
+    return True
+
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """An Agg-rendered figure with constrained layout (matplotlib imported here, on first use)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def plot_seed(
+    results: dict[str, dict[str, float]],
+    path: Optional[Union[str, Path]] = None,
+    *,
+    title: str = "MNIST → Fashion-MNIST",
+) -> Figure:
     """Grouped bars: one group per row of the seed table, one bar per accuracy."""
     rows = list(results)
     metrics = list(_LABELS)
-    fig = Figure(figsize=(8, 4), layout="constrained")
+    fig = _new_figure((8, 4))
     ax = fig.subplots()
     width = 0.8 / len(metrics)
     x = np.arange(len(rows))
@@ -42,10 +75,11 @@ def plot_seed(results: dict[str, dict[str, float]], path: Optional[Union[str, Pa
     return fig
 
 
-def plot_permuted(curves: dict[str, list[float]], path: Optional[Union[str, Path]] = None, *,
-                  title: str = "Permuted MNIST") -> Figure:
+def plot_permuted(
+    curves: dict[str, list[float]], path: Optional[Union[str, Path]] = None, *, title: str = "Permuted MNIST"
+) -> Figure:
     """Average accuracy over the tasks seen so far vs. number of tasks (Kirkpatrick et al. Fig. 2A)."""
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = _new_figure((6, 4))
     ax = fig.subplots()
     for method, c in curves.items():
         ax.plot(range(1, len(c) + 1), c, marker="o", label=method)
@@ -66,17 +100,21 @@ def matrix_array(matrix: list[list[float]]) -> np.ndarray:
     n = len(matrix)
     arr = np.full((n, n), np.nan)
     for i, row in enumerate(matrix):
-        arr[i, :len(row)] = row
+        arr[i, : len(row)] = row
     return arr
 
 
-def plot_matrices(matrices: dict[str, list[list[float]]], path: Optional[Union[str, Path]] = None, *,
-                  title: str = "Accuracy on task j after task i") -> Figure:
+def plot_matrices(
+    matrices: dict[str, list[list[float]]],
+    path: Optional[Union[str, Path]] = None,
+    *,
+    title: str = "Accuracy on task j after task i",
+) -> Figure:
     """One heat map per method: row i = after learning task i, column j = tested on task j."""
     k = len(matrices)
     cols = min(3, k)
     rows = math.ceil(k / cols)
-    fig = Figure(figsize=(3.2 * cols + 0.8, 3.0 * rows + 0.4), layout="constrained")
+    fig = _new_figure((3.2 * cols + 0.8, 3.0 * rows + 0.4))
     axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for ax, (method, m) in zip(axes.flat, matrices.items()):
@@ -85,8 +123,15 @@ def plot_matrices(matrices: dict[str, list[list[float]]], path: Optional[Union[s
         n = arr.shape[0]
         for i in range(n):
             for j in range(i + 1):
-                ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if arr[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{arr[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if arr[i, j] < 0.6 else "black",
+                )
         ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
         ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
         ax.set_title(method, fontsize=9)

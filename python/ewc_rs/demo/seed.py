@@ -26,14 +26,14 @@ Rows (keys of ``OUT/seed.json`` → ``{"seed": {row: {"mnist_after_a", "mnist_af
 
 BatchNorm policy of the other rows (the honest comparison): in the article, ``get_accuracy``
 left the model in eval mode, so *both* its rows trained task B with BatchNorm statistics frozen
-at task A's (defect 5 of ``../shared/seed/DIGEST.md``). Here every row except
+at task A's (see the README, section "The seed article's table"). Here every row except
 ``ewc_exact_bn_update`` uses that same policy, on purpose and explicitly: ``ewc_batched`` and
 ``ewc_exact`` through the library default ``norm_stats="freeze"``, ``no_ewc`` through
 :func:`.train.freeze_norm_stats` (no ``EWC`` object). The rows then differ only in the penalty,
 and ``no_ewc`` is not handicapped (nor helped) by a different treatment of the buffers.
 
 Data: MNIST's official 60000/10000 split when its train files exist; here only the t10k file
-exists, split 8000 train / 2000 test with seed 0 (see :func:`ewc_rs.data.load_split`).
+exists, split 8000 train / 2000 test with seed 0 (see :func:`.datasets.load_split`).
 Fashion-MNIST: the official 60000/10000 split. Accuracies are on the test sets.
 
 ``--quick``: 2000 training images per task, 2 epochs per task, Fisher from 1000 images
@@ -58,7 +58,7 @@ ROWS = ("no_ewc", "ewc_batched", "ewc_exact", "ewc_exact_bn_update")
 METRICS = ("mnist_after_a", "mnist_after_b", "fashion_after_b")
 
 SEED_CONFIG: dict[str, Any] = {
-    "train_samples": None,       # all
+    "train_samples": None,  # all
     "epochs": 4,
     "batch_size": 100,
     "lr": 1e-3,
@@ -89,6 +89,8 @@ def run_seed(
 ) -> dict[str, Any]:
     """Runs the four rows, prints the table, writes ``OUT/seed.json`` and ``OUT/seed.png``.
 
+    Without matplotlib the figure is skipped, and one line says how to get it.
+
     Args:
         data: folder with the IDX files (``--data``); None searches the usual places.
         out: output folder (created).
@@ -102,8 +104,9 @@ def run_seed(
     Returns:
         ``{"seed": {row: {metric: accuracy}}}`` as written to ``seed.json``.
     """
-    from .plots import plot_seed
+    from .plots import plot_seed, plots_available
 
+    with_plots = plots_available()  # said now, not after minutes of training
     cfg = dict(QUICK_CONFIG if quick else SEED_CONFIG)
     if lam is not None:
         cfg["lam_exact"] = float(lam)
@@ -126,16 +129,25 @@ def run_seed(
     # Task A, once.
     t0 = time.perf_counter()
     model_a = seed_model(seed).to(device)
-    train_task(model_a, TensorLoader(xa, ya, bs, shuffle=True, seed=seed + 1), epochs=epochs, lr=lr,
-               progress="task A (MNIST)" if progress else False)
+    train_task(
+        model_a,
+        TensorLoader(xa, ya, bs, shuffle=True, seed=seed + 1),
+        epochs=epochs,
+        lr=lr,
+        progress="task A (MNIST)" if progress else False,
+    )
     after_a = accuracy(model_a, xa_test, ya_test)
     snapshot = {k: v.clone() for k, v in model_a.state_dict().items()}
     say(f"task A trained in {time.perf_counter() - t0:.1f} s: MNIST test accuracy {after_a:.4f}")
 
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
-    lams = {"no_ewc": None, "ewc_batched": cfg["lam_batched"], "ewc_exact": cfg["lam_exact"],
-            "ewc_exact_bn_update": cfg["lam_exact"]}
+    lams = {
+        "no_ewc": None,
+        "ewc_batched": cfg["lam_batched"],
+        "ewc_exact": cfg["lam_exact"],
+        "ewc_exact_bn_update": cfg["lam_exact"],
+    }
     for row in ROWS:
         t0 = time.perf_counter()
         model = seed_model(seed).to(device)  # a fresh module: no hooks left by another row's EWC
@@ -155,9 +167,15 @@ def run_seed(
                 ewc = EWC(model, cfg["lam_exact"], norm_stats=norm_stats)
             ewc.consolidate(fisher_loader, kind="exact", num_samples=min(cfg["fisher_samples_exact"], len(xa)))
             penalty = ewc.penalty
-        train_task(model, TensorLoader(xb, yb, bs, shuffle=True, seed=seed + 3), epochs=epochs, lr=lr,
-                   penalty=penalty, freeze_norm=freeze_norm,
-                   progress=f"task B (Fashion), {row}" if progress else False)
+        train_task(
+            model,
+            TensorLoader(xb, yb, bs, shuffle=True, seed=seed + 3),
+            epochs=epochs,
+            lr=lr,
+            penalty=penalty,
+            freeze_norm=freeze_norm,
+            progress=f"task B (Fashion), {row}" if progress else False,
+        )
         results[row] = {
             "mnist_after_a": after_a,
             "mnist_after_b": accuracy(model, xa_test, ya_test),
@@ -168,13 +186,18 @@ def run_seed(
 
     payload = {"seed": results}
     (out / "seed.json").write_text(json.dumps(payload, indent=2) + "\n")
-    title = "MNIST → Fashion-MNIST" + (" (quick setting)" if quick else "")
-    plot_seed(results, out / "seed.png", title=title)
+    written = [out / "seed.json"]
+    if with_plots:
+        title = "MNIST → Fashion-MNIST" + (" (quick setting)" if quick else "")
+        plot_seed(results, out / "seed.png", title=title)
+        written.append(out / "seed.png")
     if verbose:
         print()
         print(format_seed_table(results, lams))
-        print(f"\nwrote {out / 'seed.json'} and {out / 'seed.png'} "
-              f"({time.perf_counter() - t_start:.1f} s in all{', quick setting' if quick else ''})")
+        print(
+            f"\nwrote {' and '.join(map(str, written))} "
+            f"({time.perf_counter() - t_start:.1f} s in all{', quick setting' if quick else ''})"
+        )
     return payload
 
 
@@ -185,6 +208,7 @@ def format_seed_table(results: dict[str, dict[str, float]], lams: Optional[dict[
     for row, r in results.items():
         lam = (lams or {}).get(row)
         lam_s = "–" if lam is None else f"{lam:g}"
-        lines.append(f"| {row} | {lam_s} | {r['mnist_after_a']:.4f} | {r['mnist_after_b']:.4f} | "
-                     f"{r['fashion_after_b']:.4f} |")
+        lines.append(
+            f"| {row} | {lam_s} | {r['mnist_after_a']:.4f} | {r['mnist_after_b']:.4f} | {r['fashion_after_b']:.4f} |"
+        )
     return "\n".join(lines)

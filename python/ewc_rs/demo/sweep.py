@@ -3,7 +3,7 @@
     python -m ewc_rs.demo.sweep [--data DIR] [--out DIR] [--tasks 5] [--quick]
 
 The MNIST training images (8000 here: the t10k file's training part, see
-:func:`ewc_rs.data.load_split`) are split again, with a fixed seed, into 6000 for training and
+:func:`.datasets.load_split`) are split again, with a fixed seed, into 6000 for training and
 2000 for validation; the 2000 test images are not loaded by this script. The permuted protocol
 of :mod:`.permuted` (same model, optimizer, epochs, permutations, Fisher sizes) then runs for each
 method over a grid of λ, and the λ with the best final average *validation* accuracy (over all
@@ -30,8 +30,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -68,8 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     val, tr = order[:VALIDATION], order[VALIDATION:]
     xtr, ytr = subset(x[tr], y[tr], cfg["train_samples"], seed=args.seed)
     tasks = make_tasks(xtr, ytr, x[val], y[val], cfg["tasks"], seed=args.seed)
-    print(f"sweep: {len(xtr)} train / {len(val)} validation images of the training split, "
-          f"{cfg['tasks']} tasks; test set not used")
+    print(
+        f"sweep: {len(xtr)} train / {len(val)} validation images of the training split, "
+        f"{cfg['tasks']} tasks; test set not used"
+    )
 
     results: dict[str, dict[str, list[float]]] = {}
     best: dict[str, float] = {}
@@ -80,8 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_cfg = {**cfg, "lam": {**cfg["lam"], method: lam}}
             curve = averages(run_method(method, tasks, run_cfg, seed=args.seed))
             results[method][f"{lam:g}"] = curve
-            print(f"  {method:14s} λ={lam:<8g} final val avg {curve[-1]:.4f}  ({time.perf_counter() - t0:.1f} s)",
-                  flush=True)
+            print(
+                f"  {method:14s} λ={lam:<8g} final val avg {curve[-1]:.4f}  ({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
         best[method] = max(GRID[method], key=lambda lam: results[method][f"{lam:g}"][-1])
     none_curve = averages(run_method("none", tasks, cfg, seed=args.seed))
     print(f"  none           final val avg {none_curve[-1]:.4f}")
@@ -92,9 +97,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_grid(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep_permuted.json").write_text(json.dumps(
-        {"final_validation_average": {m: {k: v[-1] for k, v in r.items()} for m, r in results.items()},
-         "curves": results, "none": none_curve, "best": best}, indent=2) + "\n")
+    (out / "sweep_permuted.json").write_text(
+        json.dumps(
+            {
+                "final_validation_average": {m: {k: v[-1] for k, v in r.items()} for m, r in results.items()},
+                "curves": results,
+                "none": none_curve,
+                "best": best,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -6,22 +6,23 @@ The training loop is the one a user writes::
 
 :func:`accuracy` switches the model to eval mode and **restores** the mode each submodule had
 before (the seed article's ``get_accuracy`` did not, so its task B was trained with BatchNorm
-in eval mode by accident: defect 5 in ``../shared/seed/DIGEST.md``).
+in eval mode by accident; see the README, section "The seed article's table").
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..data import DataError, Split, candidate_dirs, find_dataset, load_split
+from .datasets import DataError, Split, candidate_dirs, find_dataset, load_split
 
 __all__ = [
     "TensorLoader",
@@ -49,8 +50,9 @@ class TensorLoader:
         seed: seed of the shuffling generator.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 100, *,
-                 shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 100, *, shuffle: bool = False, seed: int = 0
+    ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
         self.x, self.y, self.batch_size, self.shuffle = x, y, int(batch_size), shuffle
@@ -64,11 +66,11 @@ class TensorLoader:
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.x.device)
             for i in range(0, n, self.batch_size):
-                idx = order[i:i + self.batch_size]
+                idx = order[i : i + self.batch_size]
                 yield self.x[idx], self.y[idx]
         else:
             for i in range(0, n, self.batch_size):
-                yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
 
 
 def freeze_norm_stats(model: nn.Module) -> None:
@@ -112,8 +114,7 @@ def train_task(
     if progress:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-        bar = tqdm(total=epochs * len(loader), desc=progress if isinstance(progress, str) else "train",
-                   leave=False)
+        bar = tqdm(total=epochs * len(loader), desc=progress if isinstance(progress, str) else "train", leave=False)
     losses = []
     try:
         for _ in range(epochs):
@@ -147,7 +148,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     try:
         correct = 0
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     finally:
         for m, mode in modes:
             m.training = mode
@@ -163,12 +164,13 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int], seed: int = 0) ->
 
 
 def load_data(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, *, seed: int = 0) -> Split:
-    """:func:`ewc_rs.data.load_split`, strict about a folder the user names.
+    """:func:`.datasets.load_split`, strict about a folder the user names.
 
     With ``data_dir`` (the demo's ``--data``), the data set must be found in that folder or its
     usual sub-folders (``mnist/``, ``MNIST/raw``, ...); otherwise :class:`DataError` lists where
-    it looked. Without it, the usual search order applies (``$EWC_RS_DATA``, ``../shared/data``,
-    torchvision's layout, Debian's ``/usr/share/datasets/fashion-mnist``).
+    it looked. Without it, the search order of :func:`.datasets.candidate_dirs` applies
+    (``$EWC_RS_DATA``, ``~/.torch``, Debian's ``/usr/share/datasets/fashion-mnist``; torchvision's
+    layout in each root).
     """
     if data_dir is not None:
         root = Path(data_dir).expanduser()
@@ -177,8 +179,8 @@ def load_data(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, *, 
                 f"--data {data_dir}: no such directory. Give a folder that holds '{name}' IDX files "
                 "(t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], optionally the train pair), "
                 "directly or in a 'mnist/' / 'fashion-mnist/' sub-folder or torchvision's "
-                "'MNIST/raw' / 'FashionMNIST/raw' layout; or leave --data out to search "
-                "$EWC_RS_DATA, ../shared/data and the usual places."
+                "'MNIST/raw' / 'FashionMNIST/raw' layout; or leave --data out and set "
+                "$EWC_RS_DATA to such a folder."
             )
         root_abs = Path(os.path.abspath(root))
         try:
@@ -186,8 +188,11 @@ def load_data(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, *, 
         except DataError:
             files = None
         if files is None or not (files.directory == root_abs or root_abs in files.directory.parents):
-            looked = [str(d) for d in candidate_dirs(name, root)  # type: ignore[arg-type]
-                      if d == root_abs or root_abs in d.parents]
+            looked = [
+                str(d)
+                for d in candidate_dirs(name, root)  # type: ignore[arg-type]
+                if d == root_abs or root_abs in d.parents
+            ]
             raise DataError(
                 f"--data {data_dir}: data set '{name}' not found there. Folders looked at:\n  "
                 + "\n  ".join(looked)

@@ -1,37 +1,33 @@
-"""Loading MNIST and Fashion-MNIST from IDX files, without any download.
+"""Finding MNIST and Fashion-MNIST on disk and loading them as train/test tensors, without any download.
 
-This module needs only numpy, torch and the standard library (it does not import
-the compiled ``ewc_rs._core``), so it can be used and tested on its own.
+This module needs only numpy, torch and the standard library (it does not import the compiled
+``ewc_rs._core``), so it can be used and tested on its own.
 
-Three layers:
+* :func:`find_dataset` looks for the four standard IDX files of a data set in the folders
+  :func:`candidate_dirs` lists: the folder the user names (``--data DIR``), the roots in
+  ``$EWC_RS_DATA``, ``~/.torch``, and Debian's system folder. Never a folder relative to the
+  current directory or to a source checkout.
+* :func:`load_split` returns train and test tensors ready for training. When the official
+  training files are missing (e.g. only MNIST's *test* set is at hand), it splits the 10000
+  ``t10k`` examples into 8000 train / 2000 test with a seeded permutation, and says so in
+  :attr:`Split.source` and :attr:`Split.note`.
 
-* :func:`read_idx` / :func:`write_idx` read and write single IDX files (raw or
-  gzip-compressed), validating the header and the exact data length.
-* :func:`find_dataset` looks for the four standard files of a data set in the
-  usual places (see :func:`candidate_dirs` for the exact search order).
-* :func:`load_split` returns train and test tensors ready for training. When the
-  official training files are missing (this project ships only the MNIST *test*
-  set), it splits the 10000 ``t10k`` examples into 8000 train / 2000 test with a
-  seeded permutation, and says so in :attr:`Split.source` and :attr:`Split.note`.
-
-Every problem with the data (a missing, truncated or corrupt file, an
-unexpected shape) raises :class:`DataError`, a :class:`ValueError` subclass whose
-message names the file and what was wrong.
+Every problem with the data (a missing, truncated or corrupt file, an unexpected shape) raises
+:class:`~.idx.DataError`, a :class:`ValueError` subclass whose message names the file and what
+was wrong.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Union
+from typing import Literal, Optional
 
 import numpy as np
-import numpy.typing as npt
 import torch
+
+from .idx import DataError, PathLike, read_idx
 
 __all__ = [
     "DataError",
@@ -39,19 +35,15 @@ __all__ = [
     "DatasetName",
     "Split",
     "ENV_VAR",
-    "IDX_DTYPES",
+    "DEBIAN_FASHION_DIR",
     "T10K_TRAIN_FIFTHS",
     "candidate_dirs",
     "find_dataset",
     "load_split",
-    "read_idx",
-    "write_idx",
 ]
 
 DatasetName = Literal["mnist", "fashion-mnist"]
 """The data sets this module knows about."""
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 ENV_VAR = "EWC_RS_DATA"
 """Environment variable naming a data root (several may be joined with ``os.pathsep``)."""
@@ -62,24 +54,9 @@ T10K_TRAIN_FIFTHS = 4
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's package ``dataset-fashion-mnist`` installs its files."""
 
-# IDX type code -> big-endian numpy dtype.
-IDX_DTYPES: Dict[int, np.dtype] = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_DTYPE_CODES: Dict[Tuple[str, int], int] = {
-    (dt.kind, dt.itemsize): code for code, dt in IDX_DTYPES.items()
-}
-
-_GZIP_MAGIC = b"\x1f\x8b"
-
 # Standard file names (without the optional ".gz"); the second spelling is the
 # one some mirrors (e.g. Kaggle) use.
-_FILE_STEMS: Dict[str, Tuple[str, ...]] = {
+_FILE_STEMS: dict[str, tuple[str, ...]] = {
     "train_images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "train_labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
     "test_images": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
@@ -87,158 +64,26 @@ _FILE_STEMS: Dict[str, Tuple[str, ...]] = {
 }
 
 # Sub-folders of a data root that may hold each data set, in the order tried.
-_SUBDIRS: Dict[str, Tuple[str, ...]] = {
+_SUBDIRS: dict[str, tuple[str, ...]] = {
     "mnist": ("mnist", "MNIST/raw", "MNIST"),
     "fashion-mnist": ("fashion-mnist", "FashionMNIST/raw", "fashion_mnist", "FashionMNIST"),
 }
 
 # Normalised folder names that identify a data set when a root *is* the data set's folder.
-_DIR_ALIASES: Dict[str, Tuple[str, ...]] = {
+_DIR_ALIASES: dict[str, tuple[str, ...]] = {
     "mnist": ("mnist",),
     "fashion-mnist": ("fashionmnist",),
 }
 
 _HOW_TO_GET = (
-    "How to get the files: pass a directory with data_dir= (the demo's --data DIR) or set "
-    f"${ENV_VAR}; the directory may hold 'mnist/' and 'fashion-mnist/' sub-folders, or "
-    "torchvision's layout '<root>/MNIST/raw' and '<root>/FashionMNIST/raw' (as written by "
-    "torchvision.datasets.MNIST(root, download=True) and FashionMNIST(root, download=True)); "
-    "on Debian/Ubuntu, 'apt install dataset-fashion-mnist' installs Fashion-MNIST in "
-    f"{DEBIAN_FASHION_DIR}. Expected file names: train-images-idx3-ubyte, "
+    f"How to get the data: set {ENV_VAR}=DIR or pass --data DIR (data_dir= in Python), DIR holding "
+    "'mnist/' and 'fashion-mnist/' sub-folders, or torchvision's layout '<DIR>/MNIST/raw' and "
+    "'<DIR>/FashionMNIST/raw' (as written by torchvision.datasets.MNIST(DIR, download=True) and "
+    "FashionMNIST(DIR, download=True)); on Debian/Ubuntu, 'apt install dataset-fashion-mnist' installs "
+    f"Fashion-MNIST in {DEBIAN_FASHION_DIR}. Expected file names: train-images-idx3-ubyte, "
     "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each optionally "
     ".gz); the t10k pair is required, the train pair is optional."
 )
-
-
-class DataError(ValueError):
-    """A data file is missing, truncated or corrupt, or a data set cannot be found."""
-
-
-# --------------------------------------------------------------------------- IDX files
-
-
-def _read_bytes(path: Path) -> bytes:
-    """Return the (decompressed) content of ``path``.
-
-    Args:
-        path: an IDX file, gzip-compressed when its name ends in ``.gz`` or its
-            content starts with the gzip magic number.
-
-    Returns:
-        The uncompressed bytes.
-
-    Raises:
-        DataError: the file cannot be read or is not a valid gzip stream.
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file ({exc})") from exc
-    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except EOFError as exc:
-            raise DataError(f"{path}: truncated gzip data ({exc})") from exc
-        except (OSError, zlib.error) as exc:
-            raise DataError(f"{path}: not a valid gzip file ({exc})") from exc
-    return raw
-
-
-def read_idx(path: PathLike) -> npt.NDArray[np.generic]:
-    """Read an IDX file (the format of MNIST and Fashion-MNIST).
-
-    The header is two zero bytes, one type code byte (0x08 uint8, 0x09 int8,
-    0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64), one byte with the number
-    of dimensions, then one big-endian uint32 per dimension; the values follow,
-    big-endian, row-major. The file may be gzip-compressed (detected by the
-    ``.gz`` suffix or by the gzip magic number).
-
-    Args:
-        path: the file to read.
-
-    Returns:
-        A writable array in native byte order with the dtype and shape the
-        header gives.
-
-    Raises:
-        DataError: the file is missing, is not valid gzip, has a bad magic
-            number or type code, has zero dimensions, or holds fewer or more
-            bytes than its header promises. The message names the file.
-    """
-    p = Path(path)
-    data = _read_bytes(p)
-    if len(data) < 4:
-        raise DataError(f"{p}: file too short for an IDX header ({len(data)} bytes, need at least 4)")
-    if data[0] != 0 or data[1] != 0:
-        raise DataError(
-            f"{p}: bad IDX magic number 0x{data[:4].hex()} (the first two bytes must be zero)"
-        )
-    code, ndim = data[2], data[3]
-    if code not in IDX_DTYPES:
-        known = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
-        raise DataError(f"{p}: unknown IDX type code 0x{code:02X} (known: {known})")
-    if ndim == 0:
-        raise DataError(f"{p}: IDX header gives 0 dimensions")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise DataError(
-            f"{p}: truncated IDX header ({len(data)} bytes, the {ndim} dimension sizes need {header_len})"
-        )
-    shape = struct.unpack(f">{ndim}I", data[4:header_len])
-    dtype = IDX_DTYPES[code]
-    count = 1
-    for d in shape:
-        count *= d
-    expected = count * dtype.itemsize
-    actual = len(data) - header_len
-    if actual < expected:
-        raise DataError(
-            f"{p}: truncated data: header promises shape {tuple(shape)} of {dtype.name} "
-            f"({expected} bytes) but only {actual} bytes follow the header"
-        )
-    if actual > expected:
-        raise DataError(
-            f"{p}: {actual - expected} bytes of trailing data after the {expected} bytes "
-            f"promised by the header (shape {tuple(shape)}, {dtype.name})"
-        )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header_len)
-    return arr.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
-
-
-def write_idx(path: PathLike, array: npt.ArrayLike, *, compress: Optional[bool] = None) -> Path:
-    """Write an array as an IDX file (the inverse of :func:`read_idx`).
-
-    Args:
-        path: the file to write.
-        array: values of dtype uint8, int8, int16, int32, float32 or float64,
-            with 1 to 255 dimensions, each smaller than 2**32.
-        compress: gzip the output; by default, when ``path`` ends in ``.gz``.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: the dtype or shape cannot be stored in IDX.
-    """
-    p = Path(path)
-    a = np.asarray(array)
-    code = _DTYPE_CODES.get((a.dtype.kind, a.dtype.itemsize))
-    if code is None:
-        raise ValueError(f"IDX cannot store dtype {a.dtype}")
-    if not 1 <= a.ndim <= 255 or any(d >= 2**32 for d in a.shape):
-        raise ValueError(f"IDX cannot store shape {a.shape}")
-    header = bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
-    body = np.ascontiguousarray(a, dtype=IDX_DTYPES[code]).tobytes()
-    content = header + body
-    if compress if compress is not None else p.suffix == ".gz":
-        content = gzip.compress(content)
-    p.write_bytes(content)
-    return p
-
-
-# --------------------------------------------------------------------------- discovery
 
 
 @dataclass(frozen=True)
@@ -283,27 +128,18 @@ def _dir_is_dataset(d: Path, name: str) -> bool:
     return _norm(folder) in _DIR_ALIASES[name]
 
 
-def _repo_data_root() -> Optional[Path]:
-    """``<repo>/../shared/data`` for a source checkout (``<repo>/python/ewc_rs/data.py``)."""
-    try:
-        repo = Path(__file__).resolve().parents[2]
-    except IndexError:
-        return None
-    return repo / ".." / "shared" / "data"
-
-
-def candidate_dirs(name: DatasetName, data_dir: Optional[PathLike] = None) -> List[Path]:
+def candidate_dirs(name: DatasetName, data_dir: Optional[PathLike] = None) -> list[Path]:
     """The folders :func:`find_dataset` searches, in order, existing or not.
 
     Roots, in order: ``data_dir``; each entry of ``$EWC_RS_DATA``
-    (``os.pathsep``-separated); ``../shared/data`` relative to the current
-    directory; ``../shared/data`` relative to the repository root (source
-    checkouts only); ``./data``; ``~/.torch``. In each root the sub-folders
-    ``mnist/``, ``MNIST/raw/``, ``MNIST/`` (for MNIST) or ``fashion-mnist/``,
-    ``FashionMNIST/raw/``, ``fashion_mnist/``, ``FashionMNIST/`` (for
-    Fashion-MNIST) are tried, then the root itself when its own name is the data
-    set's (e.g. ``--data path/to/mnist``). Last, for Fashion-MNIST only,
-    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
+    (``os.pathsep``-separated); ``~/.torch``. Nothing relative to the current
+    directory or to a source checkout is searched: where the data lives is
+    the user's to say. In each root the sub-folders ``mnist/``, ``MNIST/raw/``,
+    ``MNIST/`` (for MNIST) or ``fashion-mnist/``, ``FashionMNIST/raw/``,
+    ``fashion_mnist/``, ``FashionMNIST/`` (for Fashion-MNIST; ``*/raw`` is
+    torchvision's layout) are tried, then the root itself when its own name is
+    the data set's (e.g. ``--data path/to/mnist``). Last, for Fashion-MNIST
+    only, ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
 
     Args:
         name: ``"mnist"`` or ``"fashion-mnist"``.
@@ -313,20 +149,14 @@ def candidate_dirs(name: DatasetName, data_dir: Optional[PathLike] = None) -> Li
         Absolute folder paths without duplicates, in search order.
     """
     _check_name(name)
-    roots: List[Path] = []
+    roots: list[Path] = []
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
     env = os.environ.get(ENV_VAR, "")
     roots.extend(Path(e).expanduser() for e in env.split(os.pathsep) if e.strip())
-    cwd = Path.cwd()
-    roots.append(cwd / ".." / "shared" / "data")
-    repo_root = _repo_data_root()
-    if repo_root is not None:
-        roots.append(repo_root)
-    roots.append(cwd / "data")
     roots.append(Path.home() / ".torch")
 
-    out: List[Path] = []
+    out: list[Path] = []
     seen = set()
 
     def add(d: Path) -> None:
@@ -363,7 +193,7 @@ def find_dataset(name: DatasetName, data_dir: Optional[PathLike] = None) -> Data
     See :func:`candidate_dirs` for the search order. A folder qualifies when it
     holds both ``t10k`` files (raw or ``.gz``; raw is preferred when both
     exist); the training pair is optional and reported only when both files
-    are present. Files are found, not read: see :func:`read_idx` for validation.
+    are present. Files are found, not read: see :func:`.idx.read_idx` for validation.
 
     Args:
         name: ``"mnist"`` or ``"fashion-mnist"``.
@@ -378,7 +208,7 @@ def find_dataset(name: DatasetName, data_dir: Optional[PathLike] = None) -> Data
         DataError: no folder qualifies; the message lists every folder looked
             at, why each was rejected, and how to get the files.
     """
-    looked: List[str] = []
+    looked: list[str] = []
     for d in candidate_dirs(name, data_dir):
         if not d.is_dir():
             looked.append(f"  {d}  (no such folder)")
@@ -386,11 +216,7 @@ def find_dataset(name: DatasetName, data_dir: Optional[PathLike] = None) -> Data
         found = {key: _find_file(d, key) for key in _FILE_STEMS}
         test_images, test_labels = found["test_images"], found["test_labels"]
         if test_images is None or test_labels is None:
-            missing = [
-                _FILE_STEMS[k][0] + "[.gz]"
-                for k in ("test_images", "test_labels")
-                if found[k] is None
-            ]
+            missing = [_FILE_STEMS[k][0] + "[.gz]" for k in ("test_images", "test_labels") if found[k] is None]
             looked.append(f"  {d}  (missing {', '.join(missing)})")
             continue
         train_images, train_labels = found["train_images"], found["train_labels"]
@@ -404,11 +230,10 @@ def find_dataset(name: DatasetName, data_dir: Optional[PathLike] = None) -> Data
             train_images=train_images,
             train_labels=train_labels,
         )
+    if not os.environ.get(ENV_VAR, "").strip():
+        looked.append(f"  (${ENV_VAR} is unset)")
     raise DataError(
-        f"{name}: data set not found. Places looked at, in order:\n"
-        + "\n".join(looked)
-        + "\n"
-        + _HOW_TO_GET
+        f"{name}: data set not found. Places looked at, in order:\n" + "\n".join(looked) + "\n" + _HOW_TO_GET
     )
 
 
@@ -442,7 +267,7 @@ class Split:
     files: Optional[DatasetFiles] = None
 
 
-def _load_pair(images_path: Path, labels_path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+def _load_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read and check one images/labels pair.
 
     Args:
@@ -459,17 +284,12 @@ def _load_pair(images_path: Path, labels_path: Path) -> Tuple[torch.Tensor, torc
     labels = read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(
-            f"{images_path}: expected uint8 images of shape [N, 28, 28], "
-            f"got {images.dtype} {tuple(images.shape)}"
+            f"{images_path}: expected uint8 images of shape [N, 28, 28], got {images.dtype} {tuple(images.shape)}"
         )
     if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise DataError(
-            f"{labels_path}: expected uint8 labels of shape [N], got {labels.dtype} {tuple(labels.shape)}"
-        )
+        raise DataError(f"{labels_path}: expected uint8 labels of shape [N], got {labels.dtype} {tuple(labels.shape)}")
     if labels.shape[0] != images.shape[0]:
-        raise DataError(
-            f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}"
-        )
+        raise DataError(f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}")
     if labels.size and int(labels.max()) > 9:
         raise DataError(f"{labels_path}: label {int(labels.max())} outside 0..9")
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
@@ -477,14 +297,12 @@ def _load_pair(images_path: Path, labels_path: Path) -> Tuple[torch.Tensor, torc
     return x, y
 
 
-def load_split(
-    name: DatasetName, data_dir: Optional[PathLike] = None, *, seed: int = 0
-) -> Split:
+def load_split(name: DatasetName, data_dir: Optional[PathLike] = None, *, seed: int = 0) -> Split:
     """Load a data set as train and test tensors.
 
     With the official training files present, train and test are the published
-    ones (60000 / 10000 for both data sets). With only the ``t10k`` files (this
-    project's MNIST), the 10000 test examples are split into 8000 train and
+    ones (60000 / 10000 for both data sets). With only the ``t10k`` files (e.g.
+    an MNIST folder without the train pair), the 10000 test examples are split into 8000 train and
     2000 test (four fifths / one fifth for other sizes) with
     ``torch.randperm(10000, generator=torch.Generator().manual_seed(seed))``:
     the same seed always gives the same, disjoint split.
@@ -512,10 +330,7 @@ def load_split(
             x_test=x_test,
             y_test=y_test,
             source="official",
-            note=(
-                f"{name}: official split from {files.directory} "
-                f"({len(y_train)} train / {len(y_test)} test)"
-            ),
+            note=(f"{name}: official split from {files.directory} ({len(y_train)} train / {len(y_test)} test)"),
             name=name,
             files=files,
         )
