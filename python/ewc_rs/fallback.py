@@ -1,63 +1,64 @@
 """The exact per-sample fallback for parameters no rule covers (custom modules with raw
 parameters, RNNs, cross-attention, ...): ``torch.func`` ``vmap`` of ``jacrev`` over samples, or,
-when the model cannot be vmapped, one forward/backward per sample through the Rust driver."""
+when the model cannot be vmapped, one forward/backward per sample through the native engine."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from . import _core
-from .batches import LikelihoodFn, call_model, check_outputs, loglik, take, unsqueeze
-from .recording import Plan
+from .batches import check_outputs, take, unsqueeze
+
+if TYPE_CHECKING:
+    from .estimation import Estimation, FisherOptions
 
 #: Tests set this to False to exercise the one-sample-at-a-time fallback.
 USE_VMAP_FALLBACK = True
 
 
-def fallback_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                   kind: str, mc: Optional[torch.Tensor], plan: Plan, accs: list[torch.Tensor], budget: int) -> None:
-    """Exact per-sample squared gradients of the parameters without a rule.
+def fallback_step(est: Estimation, x: Any, y: Any, n: int, mc: Optional[torch.Tensor]) -> None:
+    """Exact per-sample squared gradients of the parameters without a rule, added to ``est.sums``.
 
     First choice: ``torch.func`` (``vmap`` over samples of ``jacrev`` of the per-sample terms),
     one vectorised pass. If the model cannot be vmapped (some RNN kernels, data-dependent
-    control flow), it falls back for good to one forward/backward per sample through the Rust
-    driver. Both are exact; a parameter shared with rule layers is entirely computed here.
+    control flow), it falls back for good to one forward/backward per sample through the native
+    engine. Both are exact; a parameter shared with rule layers is entirely computed here.
     """
-    slots = sorted(plan.fallback)
-    if USE_VMAP_FALLBACK and plan.vmap_ok is not False:
+    cov = est.coverage
+    slots = sorted(cov.fallback)
+    if USE_VMAP_FALLBACK and cov.vmap_ok is not False:
         try:
             with warnings.catch_warnings():
                 # functorch's note that an op runs through its slower per-sample loop: still exact.
                 warnings.filterwarnings("ignore", message="There is a performance drop")
-                sums = _vmap_sq_grads(model, x, y, n, lik, likelihood, kind, mc, plan, slots, budget)
+                sums = _vmap_sq_grads(est, (x, y, mc), n, slots)
         except Exception:
-            if plan.vmap_ok:
+            if cov.vmap_ok:
                 raise  # vmap worked on earlier batches: this is a real error
-            plan.vmap_ok = False
+            cov.vmap_ok = False
         else:
-            plan.vmap_ok = True
+            cov.vmap_ok = True
             for s, t in zip(slots, sums):
-                accs[s].add_(t.to(accs[s].device))
+                est.sums.add(s, t)
             return
-    direct = [(plan.params[s], s) for s in slots]
     for i in range(n):
         sl = slice(i, i + 1)
         xi, yi = take(x, sl), take(y, sl)
-        out_i = check_outputs(call_model(model, xi))
-        _core.fisher_accumulate(out_i, yi, kind, lik, None if mc is None else mc[sl],
-                                loglik(likelihood, out_i, yi), [], direct, accs, plan.names, budget)
+        out_i = est.forward(xi)
+        mc_i = None if mc is None else mc[sl]
+        est.sums.add_batch(out_i, est.options.roots(out_i, yi, mc_draws=mc_i), whole_slots=slots)
 
 
-def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], lik: str,
-           likelihood: Union[str, LikelihoodFn], kind: str) -> torch.Tensor:
-    """The roots of the Rust driver (``src/fisher/roots.rs``) for a batch of one sample, as a vector."""
-    if lik == "custom":
-        return likelihood(out, y).reshape(1)  # type: ignore[operator]
-    if lik == "categorical":
+def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], options: FisherOptions) -> torch.Tensor:
+    """The roots of the native engine (``src/fisher/roots.rs``) for a batch of one sample, as a
+    vector."""
+    kind = options.kind
+    if options.loglik_fn is not None:
+        return options.loglik_fn(out, y).reshape(1)
+    if options.likelihood == "categorical":
         logp = torch.log_softmax(out.float(), dim=-1).reshape(-1)
         if kind == "empirical":
             return logp.gather(0, y.reshape(1).long())  # gather, not indexing: vmap cannot .item()
@@ -79,23 +80,27 @@ def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], lik: str,
     return (eps @ f) / eps.shape[0] ** 0.5
 
 
-def _vmap_sq_grads(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                   kind: str, mc: Optional[torch.Tensor], plan: Plan, slots: list[int], budget: int) -> list[torch.Tensor]:
+def _vmap_sq_grads(est: Estimation, batch: tuple[Any, Any, Optional[torch.Tensor]], n: int,
+                   slots: list[int]) -> list[torch.Tensor]:
+    """Σ over the batch's samples of each fallback parameter's squared per-sample gradients
+    (summed over the roots), by ``vmap(jacrev(...))`` in chunks that fit the memory budget."""
     from torch.func import functional_call, jacrev, vmap
 
-    names = [plan.names[s] for s in slots]
-    theta = {nm: plan.params[s].detach() for nm, s in zip(names, slots)}
+    x, y, mc = batch
+    cov, options = est.coverage, est.options
+    names = [cov.names[s] for s in slots]
+    theta = {nm: cov.params[s].detach() for nm, s in zip(names, slots)}
 
     def per_sample(th: dict, xn: Any, yn: Any, mcn: Optional[torch.Tensor]) -> torch.Tensor:
         xb = unsqueeze(xn)  # each sample as a batch of one inside the vmapped function
-        out = check_outputs(_functional_forward(functional_call, model, th, xb))
+        out = _functional_forward(functional_call, est.model, th, xb)
         yb = None if yn is None else unsqueeze(yn)
-        return _terms(out, yb, mcn, lik, likelihood, kind)
+        return _terms(out, yb, mcn, options)
 
     in_dims = (None, 0, None if y is None else 0, None if mc is None else 0)
     fn = vmap(jacrev(per_sample), in_dims=in_dims)
-    per_sample_elems = sum(t.numel() for t in theta.values()) * (plan_roots(kind, lik, mc, y) + 1)
-    chunk = max(1, min(n, budget // max(1, 4 * per_sample_elems)))
+    per_sample_elems = sum(t.numel() for t in theta.values()) * (_roots_per_sample(options, mc) + 1)
+    chunk = max(1, min(n, est.budget // max(1, 4 * per_sample_elems)))
     sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in theta.values()]
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
@@ -108,18 +113,20 @@ def _vmap_sq_grads(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihoo
     return sums
 
 
-def plan_roots(kind: str, lik: str, mc: Optional[torch.Tensor], y: Any) -> int:
+def _roots_per_sample(options: FisherOptions, mc: Optional[torch.Tensor]) -> int:
     """Rough number of terms per sample (for chunking the vmapped Jacobians)."""
-    if kind == "mc" and mc is not None:
+    if options.kind == "mc" and mc is not None:
         return int(mc.shape[1])
-    if kind == "exact":
-        return 1000 if lik == "categorical" else 100
+    if options.kind == "exact":
+        return 1000 if options.likelihood == "categorical" else 100
     return 1
 
 
-def _functional_forward(functional_call: Callable[..., Any], model: nn.Module, th: dict, x: Any) -> Any:
+def _functional_forward(functional_call: Callable[..., Any], model: nn.Module, th: dict, x: Any) -> torch.Tensor:
     if isinstance(x, dict):
-        return functional_call(model, th, (), x, strict=False)
-    if isinstance(x, (tuple, list)):
-        return functional_call(model, th, tuple(x), strict=False)
-    return functional_call(model, th, (x,), strict=False)
+        out = functional_call(model, th, (), x, strict=False)
+    elif isinstance(x, (tuple, list)):
+        out = functional_call(model, th, tuple(x), strict=False)
+    else:
+        out = functional_call(model, th, (x,), strict=False)
+    return check_outputs(out)

@@ -1,56 +1,37 @@
-"""Diagonal Fisher information of any ``torch.nn.Module``.
+"""Diagonal Fisher information of any ``torch.nn.Module``: the public ``fisher_diag``.
 
 Definitions (van de Ven 2025 names): per-sample log-likelihood ℓ_n(θ) = log p(y_n | x_n, θ);
 diagonal Fisher F = (1/N) Σ_n (∇θ ℓ_n)², the mean of squared **per-sample** gradients.
 
-This module is the Python half of the engine's driver: the batch loop, validation, ``mc`` label
-draws and the once-per-estimation rule checks. Beside it: ``recording`` (which parameters the
-rules cover; forward hooks), ``attention`` (self-attention as Linear proxies), ``fallback`` (exact
-per-sample path for the rest) and ``batches`` (batch handling). The maths (likelihood roots,
-backward passes, per-layer rules, accumulation) runs in Rust, ``ewc_rs._core``, with the GIL
-released.
+This module checks the options; ``estimation`` runs the estimation (the batch loop, ``mc`` draws,
+rule checks), with ``recording`` (which parameters the rules cover; forward hooks), ``attention``
+(self-attention as Linear proxies), ``fallback`` (exact per-sample path for the rest) and
+``batches`` (batch handling) beside it. The maths (likelihood roots, backward passes, per-layer
+rules, sums of squares) runs in Rust, ``ewc_rs._core``, with the GIL released.
 """
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from . import _core
-from .batches import LikelihoodFn, batch_size, call_model, check_outputs, loglik, take, to_device, unpack
-from .fallback import fallback_step
-from .recording import Plan, Recorder, Site, make_plan
+from .batches import LikelihoodFn
+from .estimation import Estimation, FisherOptions
 
 KINDS = ("exact", "mc", "empirical", "batched")
 LIKELIHOODS = ("categorical", "gaussian")
 
-#: Rules whose check against autograd differs by more than this use the fallback instead.
-_MISMATCH_TOL = 1e-3
-
-
-def _budget_bytes() -> int:
-    """Bound on per-sample intermediates (``EWC_RS_CHUNK_MB``, default 256 MiB)."""
-    return int(float(os.environ.get("EWC_RS_CHUNK_MB", "256")) * 2**20)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the estimation (BatchNorm uses running statistics, dropout is off); every
-    submodule's own ``training`` flag is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _validate(kind: str, likelihood: Union[str, LikelihoodFn], mc_samples: int, num_samples: Optional[int]) -> str:
+def _options(
+    kind: str,
+    likelihood: Union[str, LikelihoodFn],
+    mc_samples: int,
+    num_samples: Optional[int],
+    generator: Optional[torch.Generator],
+) -> FisherOptions:
+    """Checks the options; every failure names the argument and what was expected."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(map(repr, KINDS))}; got {kind!r}")
     if callable(likelihood):
@@ -68,30 +49,9 @@ def _validate(kind: str, likelihood: Union[str, LikelihoodFn], mc_samples: int, 
         raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
         raise ValueError(f"num_samples: expected None or a positive integer, got {num_samples!r}")
-    return lik
-
-
-def _draw_mc(outputs: torch.Tensor, lik: str, samples: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Labels ``[N, S]`` drawn from p(·|x) (categorical) or noise ``[N, S, D]`` (gaussian)."""
-    out = outputs.detach().float()
-    # Checked here because torch.multinomial would fail first, with a message naming neither.
-    if lik == "categorical" and out.dim() != 2:
-        raise ValueError(
-            f"model outputs: likelihood 'categorical' expects logits of shape [N, C], got {list(out.shape)}"
-        )
-    if not torch.isfinite(out).all():
-        raise ValueError(
-            "model outputs: non-finite values (NaN or inf), so kind='mc' cannot draw labels from "
-            "them: check the model's outputs and the data for NaN/inf"
-        )
-    gen_device = generator.device if generator is not None else out.device
-    if lik == "categorical":
-        probs = torch.softmax(out, dim=1).to(gen_device)
-        draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
-    else:
-        out2 = out.reshape(out.shape[0], -1)
-        draws = torch.randn(out2.shape[0], samples, out2.shape[1], generator=generator, device=gen_device)
-    return draws.to(out.device)
+    loglik_fn = likelihood if callable(likelihood) else None
+    return FisherOptions(kind=kind, likelihood=lik, loglik_fn=loglik_fn, mc_samples=mc_samples,
+                         num_samples=num_samples, generator=generator)
 
 
 def fisher_diag(
@@ -148,170 +108,5 @@ def fisher_diag(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    lik = _validate(kind, likelihood, mc_samples, num_samples)
-    plan = make_plan(model)
-    if not plan.params:
-        raise ValueError("model: no parameter requires grad, so there is no Fisher to estimate")
-    device = plan.params[0].device
-    accs = [torch.zeros(p.shape, dtype=torch.float32, device=device if p.device == device else p.device) for p in plan.params]
-    grads_before = [p.grad for p in plan.params]
-    budget = _budget_bytes()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
-        bar = tqdm(total=num_samples, unit="sample", desc=f"Fisher ({kind})")
-
-    recorder = Recorder(plan) if kind != "batched" else None
-    seen = batches = 0
-    checked = False
-    try:
-        with _eval_mode(model), torch.enable_grad():
-            for index, batch in enumerate(loader):
-                if num_samples is not None and seen >= num_samples:
-                    break
-                x, y = unpack(batch, index)
-                n = batch_size(x, index)
-                if num_samples is not None and seen + n > num_samples:
-                    n = num_samples - seen
-                    x, y = take(x, slice(0, n)), take(y, slice(0, n))
-                if n == 0:
-                    continue
-                x, y = to_device(x, device), to_device(y, device)
-                if recorder is None:
-                    _batched_step(model, x, y, lik, likelihood, plan, accs)
-                else:
-                    checked = _rules_step(model, x, y, n, lik, likelihood, kind, mc_samples, generator,
-                                          plan, recorder, accs, budget, checked)
-                seen += n
-                batches += 1
-                if bar is not None:
-                    bar.update(n)
-    finally:
-        if recorder is not None:
-            recorder.remove()
-        if bar is not None:
-            bar.close()
-        for p, g in zip(plan.params, grads_before):
-            p.grad = g
-
-    if batches == 0:
-        raise ValueError("loader: produced no batches (an empty loader has no Fisher)")
-    count = batches if kind == "batched" else seen
-    result = {}
-    for name, acc in zip(plan.names, accs):
-        f = acc / count
-        if not torch.isfinite(f).all():
-            raise ValueError(
-                f"Fisher of parameter '{name}' has non-finite values (NaN or inf): check the model's "
-                "outputs and the data for NaN/inf"
-            )
-        result[name] = f
-    return result
-
-
-def _batched_step(model: nn.Module, x: Any, y: Any, lik: str, likelihood: Union[str, LikelihoodFn],
-                  plan: Plan, accs: list[torch.Tensor]) -> None:
-    out = check_outputs(call_model(model, x))
-    direct = list(zip(plan.params, range(len(plan.params))))
-    _core.fisher_accumulate(out, y, "batched", lik, None, loglik(likelihood, out, y), [],
-                            direct, accs, plan.names, 0)
-
-
-def _not_per_sample(out: torch.Tensor, calls: list[tuple[Site, torch.Tensor, torch.Tensor, int]],
-                    n: int) -> set[int]:
-    """Slots of layer calls whose output rows are not the batch's samples.
-
-    The rules read row i of a layer's input and output as sample i. A layout where dim 0 is
-    something else of the same length (sequence-first ``[T, N, F]`` with T == N, as inside
-    ``nn.TransformerEncoderLayer(batch_first=False)``) passes the shape test, and the summed
-    gradients still agree, so it is caught here: sample 0's output may depend on row 0 only.
-    """
-    if n < 2 or out.dim() == 0 or out.shape[0] != n:
-        return set()
-    sel = [(site, o) for site, inp, o, v in calls
-           if v >= 0 and inp.shape[:1] == (n,) and any(s is not None for s in site.slots)]
-    if not sel:
-        return set()
-    row = out[0].reshape(-1).float()
-    # Unequal weights: a row sum can be constant (centred logits), a weighted sum is not.
-    probe = (row * torch.linspace(1.0, 2.0, row.numel(), device=row.device)).sum()
-    grads = torch.autograd.grad(probe, [o for _, o in sel], retain_graph=True, allow_unused=True)
-    return {s for (site, _), g in zip(sel, grads)
-            if g is not None and bool(torch.count_nonzero(g[1:]) > 0)
-            for s in site.slots if s is not None}
-
-
-#: Samples of the first batch that the once-per-estimation rule checks run on: enough for every
-#: use of a parameter to show up, few enough to cost little next to the estimation itself.
-_CHECK_SAMPLES = 16
-
-
-def _recorded_forward(model: nn.Module, x: Any, recorder: Recorder) -> torch.Tensor:
-    """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""
-    while True:
-        with recorder.recording():
-            out = check_outputs(call_model(model, x))
-        modified = any(v >= 0 and o._version != v for _, _, o, v in recorder.calls)
-        if modified and not recorder.clone_outputs:
-            recorder.clone_outputs = True  # an in-place op touched a recorded output: record copies
-            continue
-        return out
-
-
-def _drop_uninterpretable(plan: Plan, recorder: Recorder, n: int) -> None:
-    """Calls the rules cannot interpret (non-tensor input, batch not in dim 0) go to the fallback."""
-    bad = {s for site, inp, _, v in recorder.calls if v < 0 or inp.shape[:1] != (n,)
-           for s in site.slots if s is not None}
-    if bad:
-        plan.drop_from_rules(bad)
-
-
-def _captures(recorder: Recorder) -> list[tuple]:
-    return [(site.spec[0], inp, o, site.slots[0], site.slots[1], list(site.spec[1]),
-             list(site.spec[2]), list(site.spec[3]))
-            for site, inp, o, v in recorder.calls
-            if v >= 0 and any(s is not None for s in site.slots)]
-
-
-def _check_rules(model: nn.Module, x: Any, y: Any, n: int, kind: str, lik: str,
-                 likelihood: Union[str, LikelihoodFn], plan: Plan, recorder: Recorder, budget: int) -> None:
-    """Once per estimation, on the first samples of the first batch: hands to the fallback every
-    parameter whose rule would be wrong, i.e. where dim 0 of a recorded call is not the sample
-    index, or where the parameter is also used outside the layer that owns it."""
-    k = min(n, _CHECK_SAMPLES)
-    sliceable = all(isinstance(v, (torch.Tensor, tuple, list, dict)) for v in (x, y))
-    if k < n and sliceable:
-        x, y, n = take(x, slice(0, k)), take(y, slice(0, k)), k
-    out = _recorded_forward(model, x, recorder)
-    if not recorder.calls:
-        return
-    _drop_uninterpretable(plan, recorder, n)
-    plan.drop_from_rules(_not_per_sample(out, recorder.calls, n))
-    # Any root serves the comparison; `exact` needs no random draws (mc's generator stays untouched).
-    check_kind = "exact" if kind == "mc" else kind
-    rule_slots = sorted({s for site, *_ in recorder.calls for s in site.slots if s is not None})
-    pairs = [(s, plan.params[s]) for s in rule_slots]
-    mism = _core.fisher_rule_mismatch(out, y, check_kind, lik, None, loglik(likelihood, out, y),
-                                      _captures(recorder), pairs, budget)
-    plan.drop_from_rules(s for s, err in mism if err > _MISMATCH_TOL)
-
-
-def _rules_step(model: nn.Module, x: Any, y: Any, n: int, lik: str, likelihood: Union[str, LikelihoodFn],
-                kind: str, mc_samples: int, generator: Optional[torch.Generator], plan: Plan,
-                recorder: Recorder, accs: list[torch.Tensor], budget: int, checked: bool) -> bool:
-    """One batch through the rules, then the fallback parameters sample by sample."""
-    if not checked:
-        _check_rules(model, x, y, n, kind, lik, likelihood, plan, recorder, budget)
-        checked = True
-    out = _recorded_forward(model, x, recorder)
-    _drop_uninterpretable(plan, recorder, n)
-    mc = _draw_mc(out, lik, mc_samples, generator) if kind == "mc" else None
-    ll = loglik(likelihood, out, y)
-    _core.fisher_accumulate(out, y, kind, lik, mc, ll, _captures(recorder), [], accs, plan.names, budget)
-
-    if plan.fallback:
-        fallback_step(model, x, y, n, lik, likelihood, kind, mc, plan, accs, budget)
-    return checked
-
-
+    options = _options(kind, likelihood, mc_samples, num_samples, generator)
+    return Estimation(model, options).run(loader, progress=progress)

@@ -1,49 +1,79 @@
-"""Which parameters the per-layer rules cover, and the forward hooks that record their layers'
-calls (input, output) while the Fisher engine runs a forward pass."""
+"""Which parameters the per-layer rules cover (:class:`RuleCoverage`), and the forward hooks that
+record their layers' calls while the Fisher engine runs a forward pass (:class:`Recorder`).
+
+The rules themselves, and the registry that maps a module's exact type to its rule, live in Rust
+(``src/fisher/rules/``); ``_core.layer_rule(module)`` asks it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from . import _core
 from .attention import Decomposed
 from .attention import eligible as attention_eligible
-from .layers import RuleSpec, rule_for
 
 
 @dataclass
 class Site:
-    """A module with a rule, and the accumulator slots of its weight and bias."""
+    """A module with a rule, and the slots of its weight and bias in the estimation."""
 
     module: nn.Module
-    spec: RuleSpec
-    slots: list[Optional[int]]
+    rule: _core.LayerRule
+    weight_slot: Optional[int]
+    bias_slot: Optional[int]
+
+    def slots(self) -> list[int]:
+        return [s for s in (self.weight_slot, self.bias_slot) if s is not None]
 
 
 @dataclass
-class Plan:
+class Call:
+    """One recorded call of a site. ``version`` is the output's version counter when recorded
+    (-1: the call's input or output was not a tensor, so no rule can read it)."""
+
+    site: Site
+    input: torch.Tensor
+    output: torch.Tensor
+    version: int
+
+    @property
+    def readable(self) -> bool:
+        return self.version >= 0
+
+
+@dataclass
+class RuleCoverage:
+    """The trainable parameters in slot order, the sites whose rules cover them, and the slots
+    that need the exact per-sample fallback instead."""
+
     names: list[str]
     params: list[torch.Tensor]
-    sites: list[Site]
+    sites: list[Site] = field(default_factory=list)
     fallback: set[int] = field(default_factory=set)
     #: Whether ``torch.func.vmap`` handles the fallback for this model (None: not tried yet).
     vmap_ok: Optional[bool] = None
     #: Attention layers whose projections run through Linear proxies while recording.
     attention: list[Decomposed] = field(default_factory=list)
 
-    def drop_from_rules(self, slots: Iterable[int]) -> None:
+    def to_fallback(self, slots: Iterable[int]) -> None:
         """Sends ``slots`` to the exact per-sample fallback."""
-        for s in slots:
+        for s in set(slots):
             self.fallback.add(s)
             for site in self.sites:
-                site.slots = [None if x == s else x for x in site.slots]
+                if site.weight_slot == s:
+                    site.weight_slot = None
+                if site.bias_slot == s:
+                    site.bias_slot = None
 
 
-def make_plan(model: nn.Module) -> Plan:
+def cover_model(model: nn.Module) -> RuleCoverage:
     """Assigns each trainable parameter a slot and decides rule or fallback for it.
 
     A parameter gets the rule path only if every module that owns it has a rule; otherwise (a
@@ -58,48 +88,51 @@ def make_plan(model: nn.Module) -> Plan:
             slot_of[id(p)] = len(params)
             names.append(name)
             params.append(p)
-    plan = Plan(names, params, [])
+    cov = RuleCoverage(names, params)
 
-    def to_fallback(ps: list[torch.Tensor]) -> None:
-        plan.drop_from_rules(slot_of[id(p)] for p in ps if id(p) in slot_of)
+    def params_to_fallback(ps: list[torch.Tensor]) -> None:
+        cov.to_fallback(slot_of[id(p)] for p in ps if id(p) in slot_of)
 
-    plan.attention = [Decomposed(m, to_fallback) for m in model.modules() if attention_eligible(m)]
-    covered = {id(p) for a in plan.attention for p in a.parameters()}
+    cov.attention = [Decomposed(m, params_to_fallback) for m in model.modules() if attention_eligible(m)]
+    covered = {id(p) for a in cov.attention for p in a.parameters()}
     for module in model.modules():
-        own = [(k, p) for k, p in module._parameters.items()
-               if p is not None and id(p) in slot_of and id(p) not in covered]
+        own = [
+            (k, p)
+            for k, p in module._parameters.items()
+            if p is not None and id(p) in slot_of and id(p) not in covered
+        ]
         if not own:
             continue
-        spec = rule_for(module)
-        if spec is None or any(k not in ("weight", "bias") for k, _ in own):
-            plan.fallback.update(slot_of[id(p)] for _, p in own)
+        rule = _core.layer_rule(module)
+        if rule is None or any(k not in ("weight", "bias") for k, _ in own):
+            cov.fallback.update(slot_of[id(p)] for _, p in own)
             continue
-        slots: list[Optional[int]] = [None, None]
-        for k, p in own:
-            slots[0 if k == "weight" else 1] = slot_of[id(p)]
-        plan.sites.append(Site(module, spec, slots))
-    for a in plan.attention:
+        slot = {k: slot_of[id(p)] for k, p in own}
+        cov.sites.append(Site(module, rule, slot.get("weight"), slot.get("bias")))
+    for a in cov.attention:
         for proxy in (a.in_proj, a.out_proj):
+            rule = _core.layer_rule(proxy)
+            assert rule is not None, "the attention proxies are nn.Linear"
             bias = proxy.bias
-            pslots = [slot_of.get(id(proxy.weight)), None if bias is None else slot_of.get(id(bias))]
-            plan.sites.append(Site(proxy, ("linear", [], [], []), pslots))
-    plan.drop_from_rules(set(plan.fallback))
-    plan.sites = [s for s in plan.sites if any(x is not None for x in s.slots)]
-    return plan
+            bias_slot = None if bias is None else slot_of.get(id(bias))
+            cov.sites.append(Site(proxy, rule, slot_of.get(id(proxy.weight)), bias_slot))
+    cov.to_fallback(set(cov.fallback))
+    cov.sites = [s for s in cov.sites if s.slots()]
+    return cov
 
 
 class Recorder:
-    """Forward hooks that record (site, input, output) for every call of a module with a rule."""
+    """Forward hooks that record a :class:`Call` for every call of a module with a rule."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+    def __init__(self, coverage: RuleCoverage) -> None:
+        self.coverage = coverage
         self.enabled = False
         self.clone_outputs = False  # set when an in-place op modified a recorded output
-        self.calls: list[tuple[Site, torch.Tensor, torch.Tensor, int]] = []
+        self.calls: list[Call] = []
         self.handles = [
-            s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in plan.sites
+            s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in coverage.sites
         ]
-        for a in plan.attention:
+        for a in coverage.attention:
             a.install()
 
     def _hook(self, site: Site) -> Callable[..., Any]:
@@ -108,11 +141,11 @@ class Recorder:
                 return None
             inp = args[0] if args else kwargs.get("input")
             if not isinstance(inp, torch.Tensor) or not isinstance(output, torch.Tensor):
-                self.calls.append((site, torch.empty(0), torch.empty(0), -1))
+                self.calls.append(Call(site, torch.empty(0), torch.empty(0), -1))
                 return None
             if not output.requires_grad:
                 return None
-            self.calls.append((site, inp.detach(), output, output._version))
+            self.calls.append(Call(site, inp.detach(), output, output._version))
             # Returning a copy keeps later in-place ops (ReLU(inplace=True)) off the recorded output.
             return output.clone() if self.clone_outputs else None
 
@@ -124,17 +157,35 @@ class Recorder:
         attention layers run their decomposed forward meanwhile."""
         self.calls = []
         self.enabled = True
-        for a in self.plan.attention:
+        for a in self.coverage.attention:
             a.recording = True
         try:
             yield
         finally:
             self.enabled = False
-            for a in self.plan.attention:
+            for a in self.coverage.attention:
                 a.recording = False
+
+    def modified_outputs(self) -> bool:
+        """Whether an in-place op changed a recorded output after it was recorded."""
+        return any(c.readable and c.output._version != c.version for c in self.calls)
+
+    def layer_calls(self) -> list[_core.LayerCall]:
+        """The recorded calls the rules handle, as the native engine takes them."""
+        return [
+            _core.LayerCall(
+                rule=c.site.rule,
+                input=c.input,
+                output=c.output,
+                weight_slot=c.site.weight_slot,
+                bias_slot=c.site.bias_slot,
+            )
+            for c in self.calls
+            if c.readable and c.site.slots()
+        ]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        for a in self.plan.attention:
+        for a in self.coverage.attention:
             a.remove()
