@@ -1133,14 +1133,14 @@ def test_backward_flat_buffer_branch_matches(seed: int) -> None:
     model, ewc, g, pairs = _consolidated_mlp(seed)
     perturb(model, g)
     ref_value, ref = naive_value_and_grads(model, pairs, ewc.lam)
-    plan = ewc._compile(model)
+    plan = ewc._plan(model)
     for group in plan.groups:
         group.device = torch.device("meta")  # any non-CPU device type selects the branch
     before = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
     names = list(before)
     for i, (n, p) in enumerate(model.named_parameters()):
         p.grad = None if i % 2 else before[n].clone()  # half the .grad absent, half present
-    value = plan.accumulate(ewc.lam, 2.0)
+    value = plan.add_to_grads(ewc.lam, 2.0)
     assert rel(float(value), ref_value) <= TOL, f"seed={seed}"
     expected = {n: 2.0 * ref[n] + (0 if i % 2 else before[n]) for i, n in enumerate(names)}
     err = relative_error(grads_of(model), expected)
