@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -130,7 +131,25 @@ def _bad_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "online with two pairs": variant(lambda s: s.update(mode="online", pairs=s["pairs"] * 2)),
         "pair with extra key": variant(lambda s: s["pairs"][0].update(extra={})),
         "F not a tensor": variant(lambda s: s["pairs"][0]["fisher"].update({first: [1.0, 2.0]})),
+        "parameter unknown to the model": _misfit(state, "unknown name")[0],
+        "shape other than the model's": _misfit(state, "wrong shape")[0],
     }
+
+
+def _misfit(state: dict[str, Any], case: str) -> tuple[dict[str, Any], str]:
+    """A copy of a valid state whose first stored parameter (F and θ* alike) does not fit the model,
+    and the message expected: ``case`` is "unknown name" or "wrong shape"."""
+    s = copy.deepcopy(state)
+    task = s["pairs"][0]
+    first = sorted(task["fisher"])[0]
+    shape = tuple(task["fisher"][first].shape)
+    if case == "unknown name":
+        for key in ("fisher", "star"):
+            task[key]["ghost.weight"] = task[key].pop(first)
+        return s, f"state: parameter 'ghost.weight' is stored with shape {shape}, but the model has no such parameter"
+    for key in ("fisher", "star"):
+        task[key][first] = torch.ones(2, 3)
+    return s, f"state: parameter '{first}' is stored with shape (2, 3), but the model's parameter has shape {shape}"
 
 
 def test_failed_load_changes_nothing(seed: int) -> None:
@@ -155,3 +174,44 @@ def test_failed_load_changes_nothing(seed: int) -> None:
     # a good state still loads afterwards
     ewc.load_state_dict(good)
     assert torch.equal(ewc_value_and_grads(model, ewc)[0], v0)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. states that do not fit the model: rejected when loaded, not at the first penalty
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["unknown name", "wrong shape"])
+def test_load_state_dict_rejects_a_state_the_model_does_not_fit(case: str, seed: int) -> None:
+    model, ewc, _, _ = consolidated_model("mlp_bn", seed)
+    before = copy.deepcopy(ewc.state_dict())
+    v0, g0 = ewc_value_and_grads(model, ewc)
+    bad, message = _misfit(before, case)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ewc.load_state_dict(bad)
+    assert same_state(ewc.state_dict(), before), f"seed={seed}: failed load ({case}) changed the state"
+    v1, g1 = ewc_value_and_grads(model, ewc)
+    assert torch.equal(v1, v0) and all(torch.equal(g1[n], g0[n]) for n in g0), (
+        f"seed={seed}: failed load ({case}) changed the penalty")
+
+
+@pytest.mark.parametrize("case", ["unknown name", "wrong shape"])
+def test_load_file_rejects_a_model_it_does_not_fit(case: str, tmp_path: Any, seed: int) -> None:
+    """``EWC.load`` checks the file against the model it binds to: a model without one of the stored
+    parameters, or with it in another shape, fails there, and no normalisation hook is left behind."""
+    model, ewc, _, _ = consolidated_model("mlp_bn", seed)
+    path = str(tmp_path / "ewc.safetensors")
+    ewc.save(path)
+    name = sorted(ewc.state_dict()["pairs"][0]["fisher"])[0]
+    stored = tuple(dict(model.named_parameters())[name].shape)
+    other = copy.deepcopy(model)
+    owner, _, attr = name.rpartition(".")
+    if case == "unknown name":
+        delattr(other.get_submodule(owner), attr)
+        message = f"state: parameter '{name}' is stored with shape {stored}, but the model has no such parameter"
+    else:
+        setattr(other.get_submodule(owner), attr, nn.Parameter(torch.zeros(2, 3)))
+        message = f"state: parameter '{name}' is stored with shape {stored}, but the model's parameter has shape (2, 3)"
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in other.modules()]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EWC.load(path, other)
+    assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in other.modules()]
+    assert EWC.load(path, model).num_tasks == 1  # the model it was saved from still loads it

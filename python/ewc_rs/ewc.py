@@ -191,9 +191,10 @@ class EWC:
             state: a dict from :meth:`state_dict` (possibly through ``torch.save``/``torch.load``).
 
         Raises:
-            ValueError: a malformed state (see :func:`ewc_rs.persistence.from_state_dict`).
+            ValueError: a malformed state (:func:`ewc_rs.persistence.from_state_dict`), or a stored
+                parameter that the model lacks or holds with another shape.
         """
-        loaded = persistence.from_state_dict(state)
+        loaded = persistence.from_state_dict(state, self._model)
         self.lam, self.mode, self.gamma = loaded.lam, loaded.mode, loaded.gamma
         self.storage_dtype = loaded.storage_dtype
         self._norm_stats.set_policy(loaded.norm_stats)
@@ -211,7 +212,7 @@ class EWC:
 
     @classmethod
     def load(cls, path: str, model: nn.Module, *, params: ParamSelector = None) -> "EWC":
-        """Reads a file written by :meth:`save` and binds it to ``model``.
+        """Reads a file from :meth:`save`, binds it to ``model`` and checks it as :meth:`load_state_dict` does.
 
         Args:
             path: a safetensors file from :meth:`save`.

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .options import MODES, NORM_STATS, check_choice, check_gamma, check_lam
-from .tasks import TaskRecord
+from .tasks import TaskRecord, first_misfit
 
 STATE_VERSION = 1
 #: The state dict's key for the list of tasks (its version-1 name, kept for compatibility).
@@ -59,18 +60,21 @@ def to_state_dict(state: EWCState) -> dict[str, Any]:
     }
 
 
-def from_state_dict(state: Any) -> EWCState:
-    """Checks a state dict against the format and converts it.
+def from_state_dict(state: Any, model: nn.Module) -> EWCState:
+    """Checks a state dict against the format and against ``model``, and converts it.
 
     Args:
         state: a dict from :func:`to_state_dict` (possibly through ``torch.save``/``torch.load``).
+        model: the model the state is for: every stored parameter must be one of its parameters,
+            of the same shape.
 
     Returns:
         The config and the tasks (F and θ* detached, in the storage dtype).
 
     Raises:
         ValueError: wrong version, bad config values, a task without matching F/θ* tensors,
-            non-finite F or θ*, negative F.
+            non-finite F or θ*, negative F, or a stored parameter that ``model`` lacks or holds
+            with another shape.
     """
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"state: expected an EWC state dict of version {STATE_VERSION}")
@@ -86,6 +90,7 @@ def from_state_dict(state: Any) -> EWCState:
     if not isinstance(tasks, list) or (mode == "online" and len(tasks) > 1):
         raise ValueError(f"state: '{TASKS_KEY}' (the stored tasks) must be a list (at most one task in online mode)")
     clean = [_task_from_dict(t, task, storage) for t, task in enumerate(tasks)]
+    _check_fits_model(clean, model)
     return EWCState(lam, mode, gamma, norm_stats, storage, clean)
 
 
@@ -105,6 +110,16 @@ def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
             raise ValueError(f"state: task {t}, parameter '{n}': F has negative values")
     return TaskRecord(fisher={n: v.detach().to(storage) for n, v in fisher.items()},
                       star={n: v.detach().to(storage) for n, v in star.items()})
+
+
+def _check_fits_model(tasks: list[TaskRecord], model: nn.Module) -> None:
+    # At load time, not at the first penalty: a state for another model fails where it is loaded.
+    misfit = first_misfit(tasks, {n: p.shape for n, p in model.named_parameters()})
+    if misfit is None:
+        return
+    n, stored, shape = misfit
+    has = "the model has no such parameter" if shape is None else f"the model's parameter has shape {tuple(shape)}"
+    raise ValueError(f"state: parameter '{n}' is stored with shape {tuple(stored)}, but {has}")
 
 
 def write_file(state: EWCState, path: str) -> None:
