@@ -67,7 +67,7 @@ class EWC:
         self._model = model
         self._tasks: list[TaskRecord] = []  # oldest first; at most one in online mode
         self._cached_plan: Optional[PenaltyPlan] = None
-        self._norm_stats = NormStatsFreezer(model, policy, stacklevel=3)  # warns at the caller
+        self._norm_stats = NormStatsFreezer(model, policy, stacklevel=2)  # warns at our caller
 
     @property
     def norm_stats(self) -> str:

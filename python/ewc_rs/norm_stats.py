@@ -38,10 +38,11 @@ class NormStatsFreezer:
     Args:
         model: the protected model.
         policy: ``"freeze"`` or ``"update"`` (already checked).
-        stacklevel: where the ``"update"`` warning points (2: the caller of this constructor).
+        stacklevel: where the ``"update"`` warning points, counted as by ``warnings.warn`` from the code
+            that constructs this object (1: that line; ``EWC`` passes 2, its own caller).
     """
 
-    def __init__(self, model: nn.Module, policy: str, *, stacklevel: int = 2) -> None:
+    def __init__(self, model: nn.Module, policy: str, *, stacklevel: int = 1) -> None:
         self.model = model
         self.policy = policy
         self._hooks: list[RemovableHandle] = []

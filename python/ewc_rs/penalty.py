@@ -36,8 +36,7 @@ def _sole_owner(buffer: torch.Tensor) -> bool:
 class FlatGroup:
     """Parameters that share a device and dtype, with θ* and F as flat buffers in their order.
 
-    ``star`` and ``fisher`` are the combined quadratic of every stored task (see
-    :meth:`PenaltyPlan.build`):
+    ``star`` and ``fisher`` are the combined quadratic of every stored task (see :meth:`PenaltyPlan.build`):
     Σ_t F_t (θ − θ*_t)² = F (θ − θ*)² + const, with F = Σ_t F_t and θ* the F-weighted mean.
     """
 
