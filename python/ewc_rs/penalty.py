@@ -1,20 +1,22 @@
 """The fused penalty's plan and its autograd glue: value and gradient come from one Rust pass.
 
-A :class:`PenaltyPlan` is built once per consolidation (and model placement): θ* and F as flat
-buffers per (device, dtype) group of parameters. Each training step then costs one Rust call per
-group, plus a cheap check that the model still holds the same parameter objects.
+A :class:`PenaltyPlan` is built once per consolidation (and model placement): the stored tasks
+folded into one quadratic, θ* and F as flat buffers per (device, dtype) group of parameters. Each
+training step then costs one Rust call per group, plus a cheap check that the model still holds the
+same parameter objects.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import _core
+from .tasks import TaskRecord, first_misfit
 
 # Count of owners of a tensor's storage (torch is pinned, so the private helper is stable).
 _storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
@@ -34,7 +36,7 @@ def _sole_owner(buffer: torch.Tensor) -> bool:
 class FlatGroup:
     """Parameters that share a device and dtype, with θ* and F as flat buffers in their order.
 
-    ``star`` and ``fisher`` are the combined quadratic of every stored task (see ``EWC``):
+    ``star`` and ``fisher`` are the combined quadratic of every stored task (see :meth:`PenaltyPlan.build`):
     Σ_t F_t (θ − θ*_t)² = F (θ − θ*)² + const, with F = Σ_t F_t and θ* the F-weighted mean.
     """
 
@@ -94,6 +96,50 @@ class PenaltyPlan:
     def __post_init__(self) -> None:
         self.links = _module_links(self.model)
 
+    @classmethod
+    def build(cls, model: nn.Module, tasks: Sequence[TaskRecord], storage_dtype: torch.dtype) -> PenaltyPlan:
+        """Folds the stored tasks into one quadratic per weight, laid out for ``model``'s parameters.
+
+        Σ_t F_t (θ − θ*_t)² = F (θ − m)² + c with F = Σ_t F_t, m = Σ_t F_t θ*_t / F and
+        c = Σ_t F_t θ*_t² − F m² (≥ 0, summed in float64), so the penalty is one pass whatever the
+        number of tasks. Where F = 0, m is the latest θ*.
+
+        Args:
+            model: the model being trained.
+            tasks: the stored (F, θ*) records, oldest first (at least one).
+            storage_dtype: dtype of the flat θ* and F buffers.
+
+        Returns:
+            The plan, one :class:`FlatGroup` per (device, dtype) of the parameters.
+
+        Raises:
+            ValueError: a consolidated parameter is missing from ``model`` or changed shape.
+        """
+        named = dict(model.named_parameters())
+        _check_fits(tasks, named)
+        names = sorted({n for task in tasks for n in task.fisher})
+        params: list[torch.Tensor] = [named[n] for n in names]
+        by_group: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_group.setdefault((p.device, p.dtype), []).append(i)
+        groups, const = [], 0.0
+        for (device, dtype), index in by_group.items():
+            stars, fishers = [], []
+            for i in index:
+                m, f_tot, c = _fold_parameter(tasks, names[i], device)
+                const += c
+                stars.append(m.reshape(-1))
+                fishers.append(f_tot.reshape(-1))
+            groups.append(FlatGroup(
+                index=index,
+                params=[params[i] for i in index],
+                device=device,
+                dtype=dtype,
+                star=torch.cat(stars).to(storage_dtype),
+                fisher=torch.cat(fishers).to(storage_dtype),
+            ))
+        return cls(model, names, params, groups, max(const, 0.0))
+
     def matches(self, model: nn.Module) -> bool:
         """Same model, same parameter objects, each group still on its device and dtype."""
         if model is not self.model or not all(d.get(k) is o for d, k, o in self.links):
@@ -119,7 +165,7 @@ class PenaltyPlan:
             total = total + v.to(total.device)
         return total + 0.5 * lam * self.const if self.const else total
 
-    def accumulate(self, lam: float, scale: float) -> torch.Tensor:
+    def add_to_grads(self, lam: float, scale: float) -> torch.Tensor:
         """Adds ``scale``·λF(θ−θ*) to each parameter's ``.grad`` as ``backward()`` would (only
         parameters that require grad; ``.grad`` created when absent); returns the penalty."""
         values = []
@@ -144,6 +190,42 @@ class PenaltyPlan:
                     p.grad.add_(t)
             values.append(value)
         return self._value(values, lam)
+
+
+def zero_penalty(model: nn.Module) -> torch.Tensor:
+    """The penalty before any consolidation: a 0-d zero on the parameters' device.
+
+    Args:
+        model: the model being trained.
+
+    Returns:
+        A 0-d float32 zero.
+    """
+    first = next(model.parameters(), None)
+    return torch.zeros((), device=first.device if first is not None else None)
+
+
+def _check_fits(tasks: Sequence[TaskRecord], named: dict[str, nn.Parameter]) -> None:
+    misfit = first_misfit(tasks, {n: p.shape for n, p in named.items()})
+    if misfit is None:
+        return
+    n, stored, shape = misfit
+    if shape is None:
+        raise ValueError(f"model: parameter '{n}' was consolidated but the model has no such parameter")
+    raise ValueError(f"model: parameter '{n}' has shape {tuple(shape)} but was consolidated with shape {tuple(stored)}")
+
+
+def _fold_parameter(
+    tasks: Sequence[TaskRecord], name: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(m, F, c) of one parameter over the tasks that store it, in float64 on ``device``."""
+    terms = [(task.fisher[name].to(device, torch.float64), task.star[name].to(device, torch.float64))
+             for task in tasks if name in task.fisher]
+    f_tot = torch.stack([f for f, _ in terms]).sum(0)
+    fs_tot = torch.stack([f * s for f, s in terms]).sum(0)
+    m = torch.where(f_tot > 0, fs_tot / f_tot.clamp_min(1e-300), terms[-1][1])
+    const = float(sum(float((f * s * s).sum()) for f, s in terms) - float((f_tot * m * m).sum()))
+    return m, f_tot, const
 
 
 _TWICE = (

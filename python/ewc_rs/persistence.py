@@ -1,0 +1,168 @@
+"""``EWC``'s state: the ``state_dict`` format, its checks, and the safetensors file.
+
+State dict, version 1: ``{"version", "lam", "mode", "gamma", "norm_stats", "storage_dtype",
+"pairs"}``, where ``"pairs"`` is the list of stored tasks, each ``{"fisher": {name: F}, "star":
+{name: θ*}}``. The key keeps its version-1 name so that saved states stay readable; in memory a
+task is a :class:`~ewc_rs.tasks.TaskRecord`.
+
+File (:func:`write_file`): tensors ``"{task}.fisher.{i}"`` and ``"{task}.star.{i}"``, the i-th
+parameter name of each task listed in the ``"layout"`` of the JSON metadata ``"ewc_rs"``, next
+to the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .options import MODES, NORM_STATS, check_choice, check_gamma, check_lam
+from .tasks import TaskRecord, first_misfit
+
+STATE_VERSION = 1
+#: The state dict's key for the list of tasks (its version-1 name, kept for compatibility).
+TASKS_KEY = "pairs"
+_CONFIG_KEYS = ("version", "lam", "mode", "gamma", "norm_stats", "storage_dtype")
+
+
+@dataclass(frozen=True)
+class EWCState:
+    """Everything an ``EWC`` restores from a state: its config and its stored tasks."""
+
+    lam: float
+    mode: str
+    gamma: float
+    norm_stats: str
+    storage_dtype: torch.dtype
+    tasks: list[TaskRecord]
+
+
+def to_state_dict(state: EWCState) -> dict[str, Any]:
+    """The version-1 state dict of ``state`` (tensors shared, dicts new).
+
+    Args:
+        state: the config and tasks of an ``EWC``.
+
+    Returns:
+        A dict of plain Python values and tensors (``torch.save``-able).
+    """
+    return {
+        "version": STATE_VERSION,
+        "lam": state.lam,
+        "mode": state.mode,
+        "gamma": state.gamma,
+        "norm_stats": state.norm_stats,
+        "storage_dtype": str(state.storage_dtype).replace("torch.", ""),
+        TASKS_KEY: [{"fisher": dict(task.fisher), "star": dict(task.star)} for task in state.tasks],
+    }
+
+
+def from_state_dict(state: Any, model: nn.Module) -> EWCState:
+    """Checks a state dict against the format and against ``model``, and converts it.
+
+    Args:
+        state: a dict from :func:`to_state_dict` (possibly through ``torch.save``/``torch.load``).
+        model: the model the state is for: every stored parameter must be one of its parameters,
+            of the same shape.
+
+    Returns:
+        The config and the tasks (F and θ* detached, in the storage dtype).
+
+    Raises:
+        ValueError: wrong version, bad config values, a task without matching F/θ* tensors,
+            non-finite F or θ*, negative F, or a stored parameter that ``model`` lacks or holds
+            with another shape.
+    """
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"state: expected an EWC state dict of version {STATE_VERSION}")
+    lam = check_lam(state.get("lam"))
+    mode = check_choice("mode", state.get("mode"), MODES)
+    gamma = check_gamma(state.get("gamma"))
+    norm_stats = check_choice("norm_stats", state.get("norm_stats"), NORM_STATS)
+    dtype_name = state.get("storage_dtype")
+    if dtype_name not in ("float32", "bfloat16"):
+        raise ValueError(f"state: storage_dtype must be 'float32' or 'bfloat16', got {dtype_name!r}")
+    storage = getattr(torch, dtype_name)
+    tasks = state.get(TASKS_KEY)
+    if not isinstance(tasks, list) or (mode == "online" and len(tasks) > 1):
+        raise ValueError(f"state: '{TASKS_KEY}' (the stored tasks) must be a list (at most one task in online mode)")
+    clean = [_task_from_dict(t, task, storage) for t, task in enumerate(tasks)]
+    _check_fits_model(clean, model)
+    return EWCState(lam, mode, gamma, norm_stats, storage, clean)
+
+
+def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
+    if not isinstance(task, dict) or set(task) != {"fisher", "star"}:
+        raise ValueError(f"state: task {t} must have exactly the keys 'fisher' and 'star'")
+    fisher, star = task["fisher"], task["star"]
+    if set(fisher) != set(star):
+        raise ValueError(f"state: task {t}: 'fisher' and 'star' name different parameters")
+    for n in fisher:
+        f, s = fisher[n], star[n]
+        if not isinstance(f, torch.Tensor) or not isinstance(s, torch.Tensor) or f.shape != s.shape:
+            raise ValueError(f"state: task {t}, parameter '{n}': F and θ* must be tensors of one shape")
+        if not (torch.isfinite(f.float()).all() and torch.isfinite(s.float()).all()):
+            raise ValueError(f"state: task {t}, parameter '{n}': F or θ* has non-finite values")
+        if (f < 0).any():
+            raise ValueError(f"state: task {t}, parameter '{n}': F has negative values")
+    return TaskRecord(fisher={n: v.detach().to(storage) for n, v in fisher.items()},
+                      star={n: v.detach().to(storage) for n, v in star.items()})
+
+
+def _check_fits_model(tasks: list[TaskRecord], model: nn.Module) -> None:
+    # At load time, not at the first penalty: a state for another model fails where it is loaded.
+    misfit = first_misfit(tasks, {n: p.shape for n, p in model.named_parameters()})
+    if misfit is None:
+        return
+    n, stored, shape = misfit
+    has = "the model has no such parameter" if shape is None else f"the model's parameter has shape {tuple(shape)}"
+    raise ValueError(f"state: parameter '{n}' is stored with shape {tuple(stored)}, but {has}")
+
+
+def write_file(state: EWCState, path: str) -> None:
+    """Writes ``state`` to a safetensors file (tensors on CPU, config and layout as metadata).
+
+    Args:
+        state: the config and tasks of an ``EWC``.
+        path: file to write.
+    """
+    from safetensors.torch import save_file
+
+    tensors, layout = {}, []
+    for t, task in enumerate(state.tasks):
+        names = sorted(task.fisher)
+        layout.append(names)
+        for i, n in enumerate(names):
+            tensors[f"{t}.fisher.{i}"] = task.fisher[n].detach().cpu().contiguous()
+            tensors[f"{t}.star.{i}"] = task.star[n].detach().cpu().contiguous()
+    config = to_state_dict(state)
+    meta = {k: config[k] for k in _CONFIG_KEYS}
+    save_file(tensors, path, metadata={"ewc_rs": json.dumps({**meta, "layout": layout})})
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Reads a file written by :func:`write_file` back into a state dict (not yet checked).
+
+    Args:
+        path: a safetensors file from :func:`write_file`.
+
+    Returns:
+        The state dict, tensors on CPU.
+
+    Raises:
+        ValueError: the file has no ``"ewc_rs"`` metadata.
+    """
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("ewc_rs")
+        if raw is None:
+            raise ValueError(f"path: {path} is not an ewc_rs file (no 'ewc_rs' metadata)")
+        meta = json.loads(raw)
+        tasks = [{"fisher": {n: fh.get_tensor(f"{t}.fisher.{i}") for i, n in enumerate(names)},
+                  "star": {n: fh.get_tensor(f"{t}.star.{i}") for i, n in enumerate(names)}}
+                 for t, names in enumerate(meta.pop("layout"))]
+    return {**meta, TASKS_KEY: tasks}

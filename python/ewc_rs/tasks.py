@@ -1,0 +1,101 @@
+"""What EWC stores per consolidated task: the Fisher F and the anchor weights θ*, by parameter name.
+
+Separate mode keeps one :class:`TaskRecord` per task; online mode keeps one, folded by
+:func:`fold_online` (Schwarz et al. 2018: F ← γ F_old + F_new, θ* ← the latest weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """F and θ* of one task; both dicts name the same parameters, each F and θ* of one shape.
+
+    Frozen: a record is replaced, never edited (the dicts are not copied, so do not edit them
+    either; the penalty plan built from a record would not notice).
+    """
+
+    fisher: dict[str, torch.Tensor]
+    star: dict[str, torch.Tensor]
+
+    @classmethod
+    def snapshot(cls, params: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor],
+                 storage_dtype: torch.dtype) -> TaskRecord:
+        """The record of the task just learned: its Fisher and a copy of the current weights as θ*.
+
+        Args:
+            params: the protected parameters by name.
+            fisher: F by name (at least ``params``' names; detached).
+            storage_dtype: dtype of the stored F and θ*.
+
+        Returns:
+            A record over ``params``' names.
+        """
+        return cls(fisher={n: fisher[n].to(storage_dtype) for n in params},
+                   star={n: p.detach().to(storage_dtype, copy=True) for n, p in params.items()})
+
+    def to(self, device: torch.device) -> TaskRecord:
+        """The same record with every tensor on ``device`` (dtypes kept).
+
+        Args:
+            device: where the tensors go.
+
+        Returns:
+            A new record (tensors already there are shared, as ``Tensor.to`` does).
+        """
+        return TaskRecord(fisher={n: t.to(device) for n, t in self.fisher.items()},
+                          star={n: t.to(device) for n, t in self.star.items()})
+
+
+def fold_online(old: Optional[TaskRecord], new: TaskRecord, gamma: float, storage_dtype: torch.dtype) -> TaskRecord:
+    """Online EWC's one record after a consolidation: F ← γ F_old + F_new, θ* ← the new weights.
+
+    Summed in float32, stored in ``storage_dtype``. Only the new record's parameters are kept; a
+    parameter whose shape changed since ``old`` starts afresh from its new Fisher.
+
+    Args:
+        old: the record so far (None before the first consolidation).
+        new: F and θ* of the task just learned, already in ``storage_dtype``.
+        gamma: decay γ in [0, 1] of the old Fisher.
+        storage_dtype: dtype of the stored F.
+
+    Returns:
+        The folded record (``new`` itself when there is nothing to fold).
+    """
+    if old is None:
+        return new
+    fisher = dict(new.fisher)
+    for n, f in new.fisher.items():
+        prev = old.fisher.get(n)
+        if prev is not None and prev.shape == f.shape:
+            fisher[n] = (gamma * prev.to(f.device, torch.float32) + f.float()).to(storage_dtype)
+    return TaskRecord(fisher=fisher, star=new.star)
+
+
+def first_misfit(
+    tasks: Iterable[TaskRecord], shapes: Mapping[str, torch.Size]
+) -> Optional[tuple[str, torch.Size, Optional[torch.Size]]]:
+    """The first stored parameter (in name order) that ``shapes`` lacks or holds with another shape.
+
+    Args:
+        tasks: the stored records.
+        shapes: the model's parameter shapes by name.
+
+    Returns:
+        ``(name, stored shape, model's shape or None when the model has no such parameter)``, or
+        None when every stored F fits.
+    """
+    tasks = list(tasks)
+    for n in sorted({n for task in tasks for n in task.fisher}):
+        stored = [task.fisher[n].shape for task in tasks if n in task.fisher]
+        if n not in shapes:
+            return n, stored[0], None
+        for shape in stored:
+            if shape != shapes[n]:
+                return n, shape, shapes[n]
+    return None
