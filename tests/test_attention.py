@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import ewc_rs.fisher as fisher_mod
+import ewc_rs.estimation as estimation_mod
 from ewc_rs import fisher_diag
 from reference import reference_fisher, relative_error
 
@@ -95,19 +95,19 @@ def batches(seed: int) -> list[tuple[tuple[Tensor, Tensor], Tensor]]:
 def attention_slots_in_fallback(model: nn.Module, data: list, kind: str, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Runs ``fisher_diag`` and reports whether the attention layer's parameters ended up in the
     per-sample fallback (rather than the rules, through the decomposition)."""
-    plans = []
-    real = fisher_mod.make_plan
+    coverages = []
+    real = estimation_mod.cover_model
 
     def spy(m: nn.Module) -> Any:
-        plans.append(real(m))
-        return plans[-1]
+        coverages.append(real(m))
+        return coverages[-1]
 
-    monkeypatch.setattr(fisher_mod, "make_plan", spy)
+    monkeypatch.setattr(estimation_mod, "cover_model", spy)
     fisher_diag(model, data, kind=kind)
-    plan = plans[-1]
-    slots = {i for i, n in enumerate(plan.names) if ".self_attn." in n or n.startswith("attn.")}
+    coverage = coverages[-1]
+    slots = {i for i, n in enumerate(coverage.names) if ".self_attn." in n or n.startswith("attn.")}
     assert slots
-    return slots <= plan.fallback
+    return slots <= coverage.fallback
 
 
 @pytest.mark.parametrize("kind", ["exact", "empirical"])

@@ -3,7 +3,7 @@ random parameter shapes and dtypes, the value's precision on large layers, the r
 gradient buffer across steps, and the direct path's flat-buffer branch.
 
 Every random input is drawn fresh on each run; the seed is printed. Re-run a failure with
-``EWC_TEST_SEED=<seed>``.
+``EWC_RS_TEST_SEED=<seed>``.
 """
 
 from __future__ import annotations

@@ -1,44 +1,86 @@
-"""Typed signatures of the native module ``ewc_rs._core`` (Rust, tch, pyo3)."""
+"""Typed signatures of the native module ``ewc_rs._core`` (Rust: tch, pyo3). Checked against the
+module by ``python -m mypy.stubtest``."""
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, final
 
 import torch
+from torch import nn
 
-__all__ = ["__version__", "TORCH_VERSION", "fisher_accumulate", "fisher_rule_mismatch", "penalty", "accumulate"]
+__all__ = [
+    "__version__",
+    "TORCH_VERSION",
+    "LayerRule",
+    "LayerCall",
+    "RootSpec",
+    "FisherSums",
+    "layer_rule",
+    "penalty",
+    "penalty_add_to_grads",
+]
 __version__: str
 TORCH_VERSION: str
 
-_Capture = tuple[
-    str, torch.Tensor, torch.Tensor, Optional[int], Optional[int], Sequence[int], Sequence[float], Sequence[torch.Tensor]
-]
+@final
+class LayerRule:
+    """The per-sample rule of one module, read from its settings (see ``layer_rule``)."""
 
-def fisher_accumulate(
-    outputs: torch.Tensor,
-    targets: Optional[torch.Tensor],
-    kind: str,
-    likelihood: str,
-    mc: Optional[torch.Tensor],
-    loglik: Optional[torch.Tensor],
-    captures: Sequence[_Capture],
-    direct: Sequence[tuple[torch.Tensor, int]],
-    accumulators: Sequence[torch.Tensor],
-    names: Sequence[str],
-    budget_bytes: int,
-) -> None:
-    """Adds one batch's Σ_n (per-sample gradient)² into ``accumulators`` in place."""
+    @property
+    def module_type(self) -> str: ...
 
-def fisher_rule_mismatch(
-    outputs: torch.Tensor,
-    targets: Optional[torch.Tensor],
-    kind: str,
-    likelihood: str,
-    mc: Optional[torch.Tensor],
-    loglik: Optional[torch.Tensor],
-    captures: Sequence[_Capture],
-    params: Sequence[tuple[int, torch.Tensor]],
-    budget_bytes: int,
-) -> list[tuple[int, float]]:
-    """Relative difference per slot between the rules' summed gradients and autograd's."""
+def layer_rule(module: nn.Module) -> Optional[LayerRule]:
+    """The rule for ``module``'s exact type with its current settings, or None (no rule covers it:
+    its parameters need the exact fallback)."""
+
+@final
+class LayerCall:
+    """One recorded call of a layer with a rule; checked when built."""
+
+    def __new__(
+        cls,
+        *,
+        rule: LayerRule,
+        input: torch.Tensor,
+        output: torch.Tensor,
+        weight_slot: Optional[int] = None,
+        bias_slot: Optional[int] = None,
+    ) -> LayerCall: ...
+
+@final
+class RootSpec:
+    """Kind, likelihood and the tensors the Fisher's roots are built from; checked when built."""
+
+    def __new__(
+        cls,
+        *,
+        kind: str,
+        likelihood: str,
+        targets: Optional[torch.Tensor] = None,
+        mc_draws: Optional[torch.Tensor] = None,
+        loglik: Optional[torch.Tensor] = None,
+    ) -> RootSpec: ...
+
+@final
+class FisherSums:
+    """Σ_n (per-sample gradient)² per parameter (float32) over the batches of one estimation."""
+
+    def __new__(cls, *, params: Sequence[torch.Tensor], names: Sequence[str], budget_bytes: int) -> FisherSums: ...
+    @property
+    def totals(self) -> list[torch.Tensor]: ...
+    def add_batch(
+        self,
+        outputs: torch.Tensor,
+        roots: RootSpec,
+        *,
+        calls: Sequence[LayerCall] = ...,
+        whole_slots: Sequence[int] = ...,
+    ) -> None:
+        """Adds one batch: a backward pass per root, then each layer call's rule."""
+    def add(self, slot: int, sum_sq: torch.Tensor) -> None:
+        """Adds Σ over samples of squared gradients of parameter ``slot`` computed elsewhere."""
+    def rule_mismatch(
+        self, outputs: torch.Tensor, roots: RootSpec, calls: Sequence[LayerCall], slots: Sequence[int]
+    ) -> list[tuple[int, float]]:
+        """Relative difference per slot between the rules' summed gradients and autograd's."""
 
 def penalty(
     params: Sequence[torch.Tensor],
@@ -50,8 +92,7 @@ def penalty(
     """(λ/2) Σ F (θ−θ*)² as a 0-d tensor, λF(θ−θ*) as one flat tensor (``out`` if given), and
     that tensor's views shaped like each parameter."""
 
-
-def accumulate(
+def penalty_add_to_grads(
     params: Sequence[torch.Tensor],
     star: torch.Tensor,
     fisher: torch.Tensor,

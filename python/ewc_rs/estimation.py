@@ -51,13 +51,13 @@ class FisherOptions:
     def roots(self, out: torch.Tensor, y: Any, *, mc_draws: Optional[torch.Tensor] = None,
               kind: Optional[str] = None) -> _core.RootSpec:
         """The native root specification for a batch's outputs and targets."""
-        custom = self.loglik_fn is not None
+        fn = self.loglik_fn
         return _core.RootSpec(
             kind=kind or self.kind,
             likelihood=self.likelihood,
-            targets=None if custom else y,
+            targets=y if fn is None else None,
             mc_draws=mc_draws,
-            loglik=loglik(self.loglik_fn, out, y) if custom else None,
+            loglik=None if fn is None else loglik(fn, out, y),
         )
 
     def draw_mc(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,7 @@ class PenaltyPlan:
         for g in self.groups:
             params = g.params
             if g.device.type == "cpu":  # one fused pass straight into the .grad memory
-                value, pending = _core.accumulate(params, g.star, g.fisher, lam, scale)
+                value, pending = _core.penalty_add_to_grads(params, g.star, g.fisher, lam, scale)
             else:  # flat gradient, then one multi-tensor add
                 value, flat, views = _core.penalty(params, g.star, g.fisher, lam)
                 if scale != 1.0:
