@@ -28,15 +28,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ewc_rs  # noqa: E402
-from ewc_rs.demo.models import seed_model  # noqa: E402  (the seed article's MLP)
 from common import median_time, write_results  # noqa: E402
+from ewc_rs.demo.models import seed_model  # noqa: E402  (the seed article's MLP)
 
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -64,7 +69,7 @@ def make_data(shape: tuple[int, ...], n: int, batch: int, device: str) -> list[t
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, *shape, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    return [(x[i:i + batch].to(device), y[i:i + batch].to(device)) for i in range(0, n, batch)]
+    return [(x[i : i + batch].to(device), y[i : i + batch].to(device)) for i in range(0, n, batch)]
 
 
 def loop_fisher(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
@@ -73,7 +78,7 @@ def loop_fisher(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
     count = 0
     for x, y in batches:
         for i in range(x.shape[0]):
-            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+            loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
             for a, g in zip(acc, torch.autograd.grad(loss, params)):
                 a += g.square()
             count += 1
@@ -146,7 +151,7 @@ def run_model(name: str, device: str, n: int, repeats: int) -> dict[str, Any]:
         "backpack": lambda: backpack_fisher(backpack_model, batches),
     }
     for kind in ("empirical", "exact", "mc", "batched"):
-        methods[f"ewc_rs:{kind}"] = (lambda k=kind: ewc_rs.fisher_diag(model, batches, kind=k))
+        methods[f"ewc_rs:{kind}"] = lambda k=kind: ewc_rs.fisher_diag(model, batches, kind=k)
     # Agreement with the definition (the per-sample loop) before any timing: relative Frobenius
     # error over all parameters, for ewc_rs's empirical Fisher and for the seed's estimator.
     definition = list(loop_fisher(model, batches).values())
@@ -197,12 +202,13 @@ def print_table(name: str, res: dict[str, Any]) -> None:
         r2 = f"{loop / v:.1f}x" if loop else "-"
         print(f"{method:<20}{v:>10.4f}{r1:>16}{r2:>15}")
     agree = res["rel_error_vs_loop"]
-    print("relative error against the per-sample loop: "
-          + ", ".join(f"{k} {v:.2g}" for k, v in agree.items()))
+    print("relative error against the per-sample loop: " + ", ".join(f"{k} {v:.2g}" for k, v in agree.items()))
     if emp and base:
-        print(f"targets: empirical / seed_batched = {emp / base:.2f}; "
-              f"exact / empirical = {t['ewc_rs:exact'] / emp:.2f}; "
-              f"empirical / fwd_bwd = {emp / t['fwd_bwd']:.2f}")
+        print(
+            f"targets: empirical / seed_batched = {emp / base:.2f}; "
+            f"exact / empirical = {t['ewc_rs:exact'] / emp:.2f}; "
+            f"empirical / fwd_bwd = {emp / t['fwd_bwd']:.2f}"
+        )
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ewc_rs  # noqa: E402
-from ewc_rs.demo.models import seed_model  # noqa: E402  (the seed article's MLP)
 from common import median_time, write_results  # noqa: E402
+from ewc_rs.demo.models import seed_model  # noqa: E402  (the seed article's MLP)
 
 
 def transformer(d_model: int) -> Callable[[], nn.Module]:
@@ -85,8 +85,15 @@ def random_state(model: nn.Module, lam: float) -> dict[str, Any]:
     named = dict(model.named_parameters())
     fisher = {n: torch.rand(p.shape, generator=g) for n, p in named.items()}
     star = {n: p.detach().cpu() + 0.01 * torch.randn(p.shape, generator=g) for n, p in named.items()}
-    return {"version": 1, "lam": lam, "mode": "separate", "gamma": 1.0, "norm_stats": "update",
-            "storage_dtype": "float32", "pairs": [{"fisher": fisher, "star": star}]}
+    return {
+        "version": 1,
+        "lam": lam,
+        "mode": "separate",
+        "gamma": 1.0,
+        "norm_stats": "update",
+        "storage_dtype": "float32",
+        "pairs": [{"fisher": fisher, "star": star}],
+    }
 
 
 def run_model(name: str, device: str, repeats: int) -> dict[str, Any]:
@@ -152,9 +159,13 @@ def run_model(name: str, device: str, repeats: int) -> dict[str, Any]:
     times = {}
     # Interleave the methods so that machine noise hits them alike; keep each one's median.
     rounds = 3
-    methods = (("seed_loop", seed_loop, zero_grad), ("ewc_rs", fused, zero_grad),
-               ("ewc_rs_direct", direct, zero_grad_in_place), ("engine", engine, engine_setup),
-               ("floor", floor, None))
+    methods = (
+        ("seed_loop", seed_loop, zero_grad),
+        ("ewc_rs", fused, zero_grad),
+        ("ewc_rs_direct", direct, zero_grad_in_place),
+        ("engine", engine, engine_setup),
+        ("floor", floor, None),
+    )
     samples: dict[str, list[float]] = {m[0]: [] for m in methods}
     for _ in range(rounds):
         for label, fn, setup in methods:
@@ -176,17 +187,22 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     args = ap.parse_args()
     results = {}
-    print(f"{'model':<20}{'tensors':>8}{'params':>10}{'seed loop':>11}{'ewc_rs':>10}{'direct':>10}{'engine':>10}{'floor':>10}"
-          f"{'seed/ewc_rs':>12}{'seed/direct':>12}{'ewc_rs/floor':>13}{'direct/floor':>13}")
+    print(
+        f"{'model':<20}{'tensors':>8}{'params':>10}{'seed loop':>11}{'ewc_rs':>10}{'direct':>10}"
+        f"{'engine':>10}{'floor':>10}"
+        f"{'seed/ewc_rs':>12}{'seed/direct':>12}{'ewc_rs/floor':>13}{'direct/floor':>13}"
+    )
     for name in args.models:
         r = run_model(name, args.device, args.repeats)
         results[name] = r
         t = r["times_s"]
-        print(f"{name:<20}{r['tensors']:>8}{r['parameters']:>10}{t['seed_loop'] * 1e3:>9.3f}ms"
-              f"{t['ewc_rs'] * 1e3:>8.3f}ms{t['ewc_rs_direct'] * 1e3:>8.3f}ms{t['engine'] * 1e3:>8.3f}ms"
-              f"{t['floor'] * 1e3:>8.3f}ms"
-              f"{t['seed_loop'] / t['ewc_rs']:>11.1f}x{t['seed_loop'] / t['ewc_rs_direct']:>11.1f}x"
-              f"{t['ewc_rs'] / t['floor']:>12.2f}x{t['ewc_rs_direct'] / t['floor']:>12.2f}x")
+        print(
+            f"{name:<20}{r['tensors']:>8}{r['parameters']:>10}{t['seed_loop'] * 1e3:>9.3f}ms"
+            f"{t['ewc_rs'] * 1e3:>8.3f}ms{t['ewc_rs_direct'] * 1e3:>8.3f}ms{t['engine'] * 1e3:>8.3f}ms"
+            f"{t['floor'] * 1e3:>8.3f}ms"
+            f"{t['seed_loop'] / t['ewc_rs']:>11.1f}x{t['seed_loop'] / t['ewc_rs_direct']:>11.1f}x"
+            f"{t['ewc_rs'] / t['floor']:>12.2f}x{t['ewc_rs_direct'] / t['floor']:>12.2f}x"
+        )
     path = write_results(f"penalty_{args.device}.json", {"repeats": args.repeats, "results": results})
     print(f"\nwritten {path}")
 

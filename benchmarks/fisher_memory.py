@@ -47,13 +47,24 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     peak = peak_rss_gib()
     total = sum(f.numel() for f in fisher.values())
-    print(f"resnet18, {args.size}x{args.size}, batch {args.batch}, kind={args.kind}: "
-          f"{seconds:.1f} s, peak RSS {peak:.2f} GiB (before the call {before:.2f} GiB), "
-          f"{len(fisher)} tensors, {total} Fisher entries, all finite: "
-          f"{all(bool(torch.isfinite(f).all()) for f in fisher.values())}")
-    path = write_results("fisher_memory_cpu.json", {
-        "model": "resnet18", "size": args.size, "batch": args.batch, "kind": args.kind,
-        "seconds": seconds, "peak_rss_gib": peak, "rss_before_gib": before})
+    print(
+        f"resnet18, {args.size}x{args.size}, batch {args.batch}, kind={args.kind}: "
+        f"{seconds:.1f} s, peak RSS {peak:.2f} GiB (before the call {before:.2f} GiB), "
+        f"{len(fisher)} tensors, {total} Fisher entries, all finite: "
+        f"{all(bool(torch.isfinite(f).all()) for f in fisher.values())}"
+    )
+    path = write_results(
+        "fisher_memory_cpu.json",
+        {
+            "model": "resnet18",
+            "size": args.size,
+            "batch": args.batch,
+            "kind": args.kind,
+            "seconds": seconds,
+            "peak_rss_gib": peak,
+            "rss_before_gib": before,
+        },
+    )
     print(f"written {path}")
 
 

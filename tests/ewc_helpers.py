@@ -68,9 +68,7 @@ def ewc_value_and_grads(model: nn.Module, ewc: EWC, scale: float = 1.0) -> tuple
     return value.detach(), grads_of(model)
 
 
-def naive_value_and_grads(
-    model: nn.Module, pairs: list[Pair], lam: float
-) -> tuple[float, dict[str, Tensor]]:
+def naive_value_and_grads(model: nn.Module, pairs: list[Pair], lam: float) -> tuple[float, dict[str, Tensor]]:
     """Σ_t naive_penalty(model, θ*_t, F_t, λ) and its autograd gradient (on a copy of ``model``)."""
     ref = copy.deepcopy(model)
     ref.zero_grad(set_to_none=True)
@@ -87,17 +85,26 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def fisher_state(model: nn.Module, star: Mapping[str, Tensor], fisher: Mapping[str, Tensor], lam: float,
-                 **extra: Any) -> dict[str, Any]:
+def fisher_state(
+    model: nn.Module, star: Mapping[str, Tensor], fisher: Mapping[str, Tensor], lam: float, **extra: Any
+) -> dict[str, Any]:
     """A hand-made EWC state dict with one (F, θ*) pair."""
-    state = {"version": 1, "lam": lam, "mode": "separate", "gamma": 1.0, "norm_stats": "freeze",
-             "storage_dtype": "float32", "pairs": [{"fisher": dict(fisher), "star": dict(star)}]}
+    state = {
+        "version": 1,
+        "lam": lam,
+        "mode": "separate",
+        "gamma": 1.0,
+        "norm_stats": "freeze",
+        "storage_dtype": "float32",
+        "pairs": [{"fisher": dict(fisher), "star": dict(star)}],
+    }
     state.update(extra)
     return state
 
 
-def consolidated_model(name: str, seed: int, lam: float = 100.0,
-                       **kw: Any) -> tuple[nn.Module, EWC, list[Pair], Callable]:
+def consolidated_model(
+    name: str, seed: int, lam: float = 100.0, **kw: Any
+) -> tuple[nn.Module, EWC, list[Pair], Callable]:
     """A zoo model, an ``EWC(**kw)`` consolidated once on fresh data, then the model perturbed.
 
     Returns ``(model, ewc, [(θ*, F)], batches)``."""

@@ -367,9 +367,7 @@ class TinyTransformer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(
-            d_model=8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True
-        )
+        layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
         self.head = nn.Linear(8, 5)
 
@@ -425,9 +423,7 @@ MODELS: dict[str, Factory] = {
 
 GAUSSIAN: list[str] = ["regression"]
 CATEGORICAL: list[str] = [name for name in MODELS if name not in GAUSSIAN]
-LIKELIHOOD: dict[str, str] = {
-    name: ("gaussian" if name in GAUSSIAN else "categorical") for name in MODELS
-}
+LIKELIHOOD: dict[str, str] = {name: ("gaussian" if name in GAUSSIAN else "categorical") for name in MODELS}
 
 
 def make_batches(

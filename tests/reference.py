@@ -173,9 +173,7 @@ def reference_fisher(
         raise ValueError(f"unknown Fisher kind {kind!r}; expected one of {KINDS}")
     if callable(likelihood):
         if kind not in ("empirical", "batched"):
-            raise ValueError(
-                f"a callable likelihood supports only kind='empirical' or 'batched', not {kind!r}"
-            )
+            raise ValueError(f"a callable likelihood supports only kind='empirical' or 'batched', not {kind!r}")
     elif likelihood not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
     if num_samples is not None and num_samples <= 0:
@@ -335,7 +333,7 @@ def draw_mc_labels(
     model = _prepare_model(model)
     labels = []
     with torch.no_grad():
-        for x, y in batches:
+        for x, _ in batches:
             out = _forward(model, _to_double_cpu(x))
             if likelihood == "categorical":
                 probs = F.softmax(out, dim=-1)
@@ -351,9 +349,7 @@ def draw_mc_labels(
 # --------------------------------------------------------------------------------------------------
 # penalty and comparison
 # --------------------------------------------------------------------------------------------------
-def naive_penalty(
-    model: nn.Module, star: Mapping[str, Tensor], fisher: Mapping[str, Tensor], lam: float
-) -> Tensor:
+def naive_penalty(model: nn.Module, star: Mapping[str, Tensor], fisher: Mapping[str, Tensor], lam: float) -> Tensor:
     """(λ/2) Σ_i F_i (θ_i − θ*_i)² with ordinary torch ops, autograd-connected to ``model``.
 
     Only parameters whose name is in ``fisher`` count. Computed in float64 on the parameters'

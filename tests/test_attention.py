@@ -112,8 +112,7 @@ def attention_slots_in_fallback(model: nn.Module, data: list, kind: str, monkeyp
 
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_attention_variants_match_reference(name: str, kind: str, seed: int,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attention_variants_match_reference(name: str, kind: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     factory, decomposed = VARIANTS[name]
     torch.manual_seed(seed % 100_000)
     model = factory()

@@ -15,8 +15,9 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def run(script: str, args: list[str], out: Path) -> dict:
     env = {**os.environ, "EWC_RS_BENCH_RESULTS": str(out)}
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
@@ -38,6 +39,14 @@ def test_bench_fisher_runs(tmp_path: Path) -> None:
     agree = res["results"]["seed_mlp"]["rel_error_vs_loop"]
     assert agree["ewc_rs:empirical"] <= 1e-4, agree  # the loop runs in float32
     assert agree["seed_batched"] > 0.5, agree  # the seed's estimator is far off (≈1/batch size)
-    for method in ("fwd_bwd", "seed_batched", "loop", "vmap", "ewc_rs:empirical", "ewc_rs:exact",
-                   "ewc_rs:mc", "ewc_rs:batched"):
+    for method in (
+        "fwd_bwd",
+        "seed_batched",
+        "loop",
+        "vmap",
+        "ewc_rs:empirical",
+        "ewc_rs:exact",
+        "ewc_rs:mc",
+        "ewc_rs:batched",
+    ):
         assert times[method] is not None and times[method] > 0, method

@@ -24,8 +24,8 @@ import ewc_rs
 from ewc_helpers import (
     TOL,
     Pair,
-    consolidated_model,
     consolidated_mlp,
+    consolidated_model,
     ewc_value_and_grads,
     fisher_of,
     gen,
@@ -75,8 +75,15 @@ def check_against_naive(model: nn.Module, ewc: EWC, pairs: list[Pair], lam: floa
     check_direct_backward(model, ewc, ref_value, ref_grads, consolidated, before, msg)
 
 
-def check_direct_backward(model: nn.Module, ewc: EWC, ref_value: float, ref_grads: dict[str, Tensor],
-                          consolidated: set[str], before: dict[str, Tensor], msg: str) -> None:
+def check_direct_backward(
+    model: nn.Module,
+    ewc: EWC,
+    ref_value: float,
+    ref_grads: dict[str, Tensor],
+    consolidated: set[str],
+    before: dict[str, Tensor],
+    msg: str,
+) -> None:
     """``ewc.backward(model)`` (no autograd) = ``ewc.penalty(model).backward()``: from no
     ``.grad``, scaled, and added to existing ``.grad`` (contiguous or not)."""
     msg = f"{msg}, ewc.backward"
@@ -156,8 +163,13 @@ def test_separate_matches_naive(name: str, tasks: int, seed: int) -> None:
         assert set(returned) == set(fisher), f"seed={seed}"
         for n in fisher:
             assert returned[n].dtype == torch.float32
-            torch.testing.assert_close(returned[n], fisher[n], rtol=1e-6, atol=0.0,
-                                       msg=lambda m: f"seed={seed}: consolidate() return value: {m}")
+            torch.testing.assert_close(
+                returned[n],
+                fisher[n],
+                rtol=1e-6,
+                atol=0.0,
+                msg=lambda m: f"seed={seed}: consolidate() return value: {m}",
+            )
         pairs.append((star, fisher))
         assert ewc.num_tasks == t + 1
     perturb(model, g)
@@ -182,8 +194,7 @@ def test_online_matches_naive(name: str, gamma: float, seed: int) -> None:
         f_new = fisher_of(model, data)
         star = snapshot(model)
         ewc.consolidate(data)
-        f_online = {n: (gamma * f_online[n].double() if n in f_online else 0.0) + f_new[n].double()
-                    for n in f_new}
+        f_online = {n: (gamma * f_online[n].double() if n in f_online else 0.0) + f_new[n].double() for n in f_new}
         assert ewc.num_tasks == 1
         perturb(model, g)
         msg = f"seed={seed}, model={name}, online γ={gamma}, after {t + 1} consolidation(s)"
@@ -199,7 +210,7 @@ def test_penalty_before_consolidate_is_zero(seed: int) -> None:
     ewc = EWC(model, lam=10.0)
     p = ewc.penalty(model)
     assert isinstance(p, Tensor) and p.dim() == 0 and float(p) == 0.0
-    assert ewc.penalty() .dim() == 0 and ewc.num_tasks == 0
+    assert ewc.penalty().dim() == 0 and ewc.num_tasks == 0
     x, y = batches(1)[0]
     loss = F.cross_entropy(model(x), y) + ewc.penalty(model)
     loss.backward()
@@ -241,8 +252,7 @@ def test_params_selection_leaves_out_head(kind: str, seed: int) -> None:
             assert p.grad is None or not p.grad.any(), f"seed={seed}: head '{n}' got a penalty gradient"
 
 
-@pytest.mark.parametrize("selector", ["^nothing$", re.compile("^zzz"), [], ["not.a.param"],
-                                      lambda n, p: False])
+@pytest.mark.parametrize("selector", ["^nothing$", re.compile("^zzz"), [], ["not.a.param"], lambda n, p: False])
 def test_params_selection_matching_nothing(selector: Any) -> None:
     model, batches = task_model("cnn", 0)
     ewc = EWC(model, lam=1.0, params=selector)
@@ -398,17 +408,27 @@ def test_cuda_consolidate_on_gpu(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # 6. bad constructor arguments
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, arg", [
-    ({"lam": -1.0}, "lam"), ({"lam": math.nan}, "lam"), ({"lam": math.inf}, "lam"), ({"lam": True}, "lam"),
-    ({"lam": "1"}, "lam"), ({"lam": None}, "lam"),
-    ({"lam": 1.0, "gamma": -0.1}, "gamma"), ({"lam": 1.0, "gamma": 1.01}, "gamma"),
-    ({"lam": 1.0, "gamma": math.nan}, "gamma"), ({"lam": 1.0, "gamma": False}, "gamma"),
-    ({"lam": 1.0, "mode": "sum"}, "mode"), ({"lam": 1.0, "mode": None}, "mode"),
-    ({"lam": 1.0, "norm_stats": "keep"}, "norm_stats"),
-    ({"lam": 1.0, "storage_dtype": torch.float16}, "storage_dtype"),
-    ({"lam": 1.0, "storage_dtype": torch.float64}, "storage_dtype"),
-    ({"lam": 1.0, "storage_dtype": "bfloat16"}, "storage_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        ({"lam": -1.0}, "lam"),
+        ({"lam": math.nan}, "lam"),
+        ({"lam": math.inf}, "lam"),
+        ({"lam": True}, "lam"),
+        ({"lam": "1"}, "lam"),
+        ({"lam": None}, "lam"),
+        ({"lam": 1.0, "gamma": -0.1}, "gamma"),
+        ({"lam": 1.0, "gamma": 1.01}, "gamma"),
+        ({"lam": 1.0, "gamma": math.nan}, "gamma"),
+        ({"lam": 1.0, "gamma": False}, "gamma"),
+        ({"lam": 1.0, "mode": "sum"}, "mode"),
+        ({"lam": 1.0, "mode": None}, "mode"),
+        ({"lam": 1.0, "norm_stats": "keep"}, "norm_stats"),
+        ({"lam": 1.0, "storage_dtype": torch.float16}, "storage_dtype"),
+        ({"lam": 1.0, "storage_dtype": torch.float64}, "storage_dtype"),
+        ({"lam": 1.0, "storage_dtype": "bfloat16"}, "storage_dtype"),
+    ],
+)
 def test_bad_arguments(kwargs: dict[str, Any], arg: str) -> None:
     with pytest.raises(ValueError, match=arg):
         EWC(nn.Linear(3, 2), **kwargs)
@@ -536,16 +556,24 @@ def test_bf16_storage_cost(seed: int) -> None:
     v16, g16 = ewc_value_and_grads(model, ewc16)
     err_v, err_g = rel(float(v16), float(v32)), relative_error(g16, g32)
 
-    p0 = sum(float((f32[n].double() * (p.detach().double() - star[n].double()) ** 2).sum())
-             for n, p in model.named_parameters())
+    p0 = sum(
+        float((f32[n].double() * (p.detach().double() - star[n].double()) ** 2).sum())
+        for n, p in model.named_parameters()
+    )
     e = sum(float((f32[n].double() * (BF16_U * star[n].double()) ** 2).sum()) for n in star)
     bound_v = BF16_U + (1 + BF16_U) * (2 * math.sqrt(e * p0) + e) / p0 + 1e-6
     num = math.sqrt(sum(float((f32[n].double() * BF16_U * star[n].double()).pow(2).sum()) for n in star))
-    den = math.sqrt(sum(float((f32[n].double() * (p.detach().double() - star[n].double())).pow(2).sum())
-                        for n, p in model.named_parameters()))
+    den = math.sqrt(
+        sum(
+            float((f32[n].double() * (p.detach().double() - star[n].double())).pow(2).sum())
+            for n, p in model.named_parameters()
+        )
+    )
     bound_g = BF16_U + (1 + BF16_U) * num / den + 1e-6
-    print(f"seed={seed}: bfloat16 storage vs float32 after drift 0.05: value rel. error {err_v:.2e} "
-          f"(bound {bound_v:.2e}), gradient rel. error {err_g:.2e} (bound {bound_g:.2e})")
+    print(
+        f"seed={seed}: bfloat16 storage vs float32 after drift 0.05: value rel. error {err_v:.2e} "
+        f"(bound {bound_v:.2e}), gradient rel. error {err_g:.2e} (bound {bound_g:.2e})"
+    )
     assert err_v <= bound_v and err_v <= 2e-2, f"seed={seed}: value error {err_v:.3g} > bound {bound_v:.3g}"
     assert err_g <= bound_g and err_g <= 2e-2, f"seed={seed}: gradient error {err_g:.3g} > bound {bound_g:.3g}"
     assert all(g16[n].dtype == torch.float32 for n in g16)  # gradients follow the parameters

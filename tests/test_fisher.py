@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ewc_rs import fisher_diag
-from models import CATEGORICAL, GAUSSIAN, LIKELIHOOD, MODELS
+from models import GAUSSIAN, LIKELIHOOD, MODELS
 from reference import reference_fisher, relative_error, seed_batched_fisher
 
 #: same_conv's even-kernel 'same' padding makes torch warn about a padded copy: expected.
@@ -216,8 +216,11 @@ def _clone(batches: Sequence[Batch]) -> list[Batch]:
 def _same_tree(a: Any, b: Any) -> bool:
     """Structural equality of two batch elements, tensors compared exactly (NaN equal to NaN)."""
     if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
-            torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+        return (
+            isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
         )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
@@ -248,9 +251,7 @@ class Snapshot:
         self.model = model
         self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
         self.modes = {name: m.training for name, m in model.named_modules()}
-        self.grads = {
-            n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
-        }
+        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
         self.hooks = self._hooks()
 
     def _hooks(self) -> dict[str, tuple[list[int], ...]]:
@@ -304,7 +305,7 @@ def _draws_like_fisher(
             if num_samples is not None and seen >= num_samples:
                 break
             n = _rows(x) if num_samples is None else min(_rows(x), num_samples - seen)
-            out = _call(m, _map(x, lambda t: t[:n].to(device))).detach().float()
+            out = _call(m, _map(x, lambda t, n=n: t[:n].to(device))).detach().float()
             if likelihood == "categorical":
                 probs = torch.softmax(out, dim=1).to(generator.device)
                 d = torch.multinomial(probs, mc_samples, replacement=True, generator=generator)
@@ -387,12 +388,26 @@ def test_mc_matches_reference_with_same_draws(name: str, samples: int, device: t
     model, batches = _make(name)
     model = model.to(device)
     lik, seed, num = _likelihood(name), SEED + 7, 10
-    got = fisher_diag(model, batches, kind="mc", likelihood=lik, mc_samples=samples, num_samples=num,
-                      generator=torch.Generator().manual_seed(seed))
-    labels = _draws_like_fisher(model, batches, likelihood=lik, mc_samples=samples,
-                                generator=torch.Generator().manual_seed(seed), num_samples=num)
-    want = reference_fisher(model, batches, kind="mc", likelihood=lik, mc_samples=samples,
-                            num_samples=num, mc_labels=labels)
+    got = fisher_diag(
+        model,
+        batches,
+        kind="mc",
+        likelihood=lik,
+        mc_samples=samples,
+        num_samples=num,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    labels = _draws_like_fisher(
+        model,
+        batches,
+        likelihood=lik,
+        mc_samples=samples,
+        generator=torch.Generator().manual_seed(seed),
+        num_samples=num,
+    )
+    want = reference_fisher(
+        model, batches, kind="mc", likelihood=lik, mc_samples=samples, num_samples=num, mc_labels=labels
+    )
     _check_close(got, want, TOL, _msg(model=name, kind="mc", device=device))
 
 
@@ -401,8 +416,9 @@ def test_mc_many_draws_approaches_exact(name: str) -> None:
     """With 2000 draws per sample, mc is within a few percent of the exact Fisher."""
     model, batches = _make(name, sizes=(4, 4))
     lik = _likelihood(name)
-    got = fisher_diag(model, batches, kind="mc", likelihood=lik, mc_samples=2000,
-                      generator=torch.Generator().manual_seed(SEED))
+    got = fisher_diag(
+        model, batches, kind="mc", likelihood=lik, mc_samples=2000, generator=torch.Generator().manual_seed(SEED)
+    )
     want = reference_fisher(model, batches, kind="exact", likelihood=lik)
     _check_close(got, want, 0.1, _msg(model=name, kind="mc vs exact", mc_samples=2000))
 
@@ -551,7 +567,17 @@ def test_state_restored_after_error_mid_loader(kind: str, how: str) -> None:
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["exact", "mc", "empirical", "batched"])
 @pytest.mark.parametrize(
-    "name", ["frozen_part", "tied_modules", "conv_variety", "dict_input", "raw_params", "functional_reuse", "rnn", "regression"]
+    "name",
+    [
+        "frozen_part",
+        "tied_modules",
+        "conv_variety",
+        "dict_input",
+        "raw_params",
+        "functional_reuse",
+        "rnn",
+        "regression",
+    ],
 )
 def test_output_contract(name: str, kind: str, device: torch.device) -> None:
     """Keys: trainable parameter names in order; float32; the parameter's shape and device.
@@ -652,57 +678,99 @@ BAD: list[tuple[str, Call, type, str]] = [
     ("batch_of_one", lambda m, b: fisher_diag(m, [(b[0][0],)]), ValueError, r"pair"),
     ("batch_of_three", lambda m, b: fisher_diag(m, [(*b[0], b[0][1])]), ValueError, r"pair"),
     *[
-        (f"3d_logits_{k}", lambda m, b, k=k: fisher_diag(ThreeDLogits(), b, kind=k), ValueError,
-         r"\[N, C\].*\[4, 2, 3\]")
+        (
+            f"3d_logits_{k}",
+            lambda m, b, k=k: fisher_diag(ThreeDLogits(), b, kind=k),
+            ValueError,
+            r"\[N, C\].*\[4, 2, 3\]",
+        )
         for k in ("exact", "mc", "empirical", "batched")
     ],
-    ("3d_outputs_gaussian", lambda m, b: fisher_diag(ThreeDLogits(), [(b[0][0], torch.zeros(4, 2, 3))],
-                                                      likelihood="gaussian"), ValueError, r"gaussian.*\[N, D\]"),
+    (
+        "3d_outputs_gaussian",
+        lambda m, b: fisher_diag(ThreeDLogits(), [(b[0][0], torch.zeros(4, 2, 3))], likelihood="gaussian"),
+        ValueError,
+        r"gaussian.*\[N, D\]",
+    ),
     ("tuple_outputs", lambda m, b: fisher_diag(TupleOut(), b), ValueError, r"model outputs"),
     *[
-        (f"label_{what}_{k}", lambda m, b, k=k, lab=lab: fisher_diag(m, _relabel(b, lab), kind=k), ValueError,
-         r"\[0, 5\)")
+        (
+            f"label_{what}_{k}",
+            lambda m, b, k=k, lab=lab: fisher_diag(m, _relabel(b, lab), kind=k),
+            ValueError,
+            r"\[0, 5\)",
+        )
         for k in ("empirical", "batched")
         for what, lab in (("too_large", [0, 1, 5, 2]), ("negative", [0, -1, 3, 2]))
     ],
     *[
-        (f"float_labels_{k}", lambda m, b, k=k: fisher_diag(m, _relabel(b, [0.0, 1.0, 2.0, 3.0]), kind=k),
-         ValueError, r"integer class labels")
+        (
+            f"float_labels_{k}",
+            lambda m, b, k=k: fisher_diag(m, _relabel(b, [0.0, 1.0, 2.0, 3.0]), kind=k),
+            ValueError,
+            r"integer class labels",
+        )
         for k in ("empirical", "batched")
     ],
-    ("too_few_labels", lambda m, b: fisher_diag(m, [(b[0][0], b[0][1][:3])], kind="empirical"), ValueError,
-     r"targets.*4 labels"),
-    ("gaussian_target_shape", lambda m, b: fisher_diag(m, [(b[0][0], torch.zeros(4, 3))], kind="empirical",
-                                                        likelihood="gaussian"), ValueError, r"targets"),
+    (
+        "too_few_labels",
+        lambda m, b: fisher_diag(m, [(b[0][0], b[0][1][:3])], kind="empirical"),
+        ValueError,
+        r"targets.*4 labels",
+    ),
+    (
+        "gaussian_target_shape",
+        lambda m, b: fisher_diag(m, [(b[0][0], torch.zeros(4, 3))], kind="empirical", likelihood="gaussian"),
+        ValueError,
+        r"targets",
+    ),
     ("unknown_kind", lambda m, b: fisher_diag(m, b, kind="fisher"), ValueError, r"kind.*'fisher'"),
-    ("unknown_likelihood", lambda m, b: fisher_diag(m, b, likelihood="poisson"), ValueError,
-     r"likelihood.*'poisson'"),
+    ("unknown_likelihood", lambda m, b: fisher_diag(m, b, likelihood="poisson"), ValueError, r"likelihood.*'poisson'"),
     *[
-        (f"callable_{k}", lambda m, b, k=k: fisher_diag(m, b, kind=k, likelihood=lambda o, y: o.sum(1)),
-         ValueError, rf"kind='{k}'.*callable")
+        (
+            f"callable_{k}",
+            lambda m, b, k=k: fisher_diag(m, b, kind=k, likelihood=lambda o, y: o.sum(1)),
+            ValueError,
+            rf"kind='{k}'.*callable",
+        )
         for k in ("exact", "mc")
     ],
-    ("callable_bad_shape", lambda m, b: fisher_diag(m, b, kind="empirical", likelihood=lambda o, y: o.sum()),
-     ValueError, r"likelihood.*\[4\]"),
+    (
+        "callable_bad_shape",
+        lambda m, b: fisher_diag(m, b, kind="empirical", likelihood=lambda o, y: o.sum()),
+        ValueError,
+        r"likelihood.*\[4\]",
+    ),
     ("mc_samples_0", lambda m, b: fisher_diag(m, b, kind="mc", mc_samples=0), ValueError, r"mc_samples"),
-    ("mc_samples_float", lambda m, b: fisher_diag(m, b, kind="mc", mc_samples=2.0),  # type: ignore[arg-type]
-     ValueError, r"mc_samples"),
+    (
+        "mc_samples_float",
+        lambda m, b: fisher_diag(m, b, kind="mc", mc_samples=2.0),  # type: ignore[arg-type]
+        ValueError,
+        r"mc_samples",
+    ),
     ("num_samples_0", lambda m, b: fisher_diag(m, b, num_samples=0), ValueError, r"num_samples"),
     ("num_samples_negative", lambda m, b: fisher_diag(m, b, num_samples=-3), ValueError, r"num_samples"),
     *[
-        (f"nan_input_{k}", lambda m, b, k=k: fisher_diag(m, _with_nan(b), kind=k), ValueError,
-         r"parameter '0\.weight'.*non-finite")
+        (
+            f"nan_input_{k}",
+            lambda m, b, k=k: fisher_diag(m, _with_nan(b), kind=k),
+            ValueError,
+            r"parameter '0\.weight'.*non-finite",
+        )
         for k in ("exact", "empirical", "batched")
     ],
     ("nan_input_mc", lambda m, b: fisher_diag(m, _with_nan(b), kind="mc"), ValueError, r"non-finite"),
-    ("not_a_module", lambda m, b: fisher_diag(lambda x: x, b),  # type: ignore[arg-type]
-     TypeError, r"model.*nn\.Module"),
+    (
+        "not_a_module",
+        lambda m, b: fisher_diag(lambda x: x, b),  # type: ignore[arg-type]
+        TypeError,
+        r"model.*nn\.Module",
+    ),
     ("nothing_trainable", lambda m, b: fisher_diag(m.requires_grad_(False), b), ValueError, r"model"),
 ]
 
 
-@pytest.mark.parametrize(("case", "exc", "pattern"), [(c, e, p) for _, c, e, p in BAD],
-                         ids=[name for name, *_ in BAD])
+@pytest.mark.parametrize(("case", "exc", "pattern"), [(c, e, p) for _, c, e, p in BAD], ids=[name for name, *_ in BAD])
 def test_bad_input_raises_clear_error(case: Call, exc: type, pattern: str) -> None:
     """The error type and a message that names the culprit; the model is left as it was."""
     model, batches = _make("layernorm_mlp", sizes=(4, 4))
@@ -771,8 +839,9 @@ def test_per_sample_loop_fallback_matches_reference(name: str, kind: str, monkey
     model, batches = _make(name)
     lik = _likelihood(name)
     if kind == "mc":  # same draws on both sides: many of them, against exact
-        got = fisher_diag(model, batches, kind="mc", likelihood=lik, mc_samples=1000,
-                          generator=torch.Generator().manual_seed(SEED))
+        got = fisher_diag(
+            model, batches, kind="mc", likelihood=lik, mc_samples=1000, generator=torch.Generator().manual_seed(SEED)
+        )
         want = reference_fisher(model, batches, kind="exact", likelihood=lik)
         _check_close(got, want, 0.2, _msg(model=name, kind="mc vs exact, per-sample loop"))
         return

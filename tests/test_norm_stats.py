@@ -16,8 +16,12 @@ from ewc_rs import EWC
 
 
 def _bn_stats(model: nn.Module) -> list[Tensor]:
-    return [t.clone() for m in model.modules() if isinstance(m, nn.BatchNorm1d)
-            for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    return [
+        t.clone()
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm1d)
+        for t in (m.running_mean, m.running_var, m.num_batches_tracked)
+    ]
 
 
 def _stats_equal(a: list[Tensor], b: list[Tensor]) -> bool:

@@ -66,28 +66,34 @@ def test_core_penalty_matches_formula(seed: int) -> None:
 def test_core_penalty_rejects_bad_out(case: str) -> None:
     p = [torch.zeros(3), torch.zeros(2, 2)]
     s, f = torch.zeros(7), torch.ones(7)
-    out = {"too short": torch.zeros(6), "wrong dtype": torch.zeros(7, dtype=torch.float16),
-           "slice of another tensor": torch.zeros(8)[1:]}[case]
+    out = {
+        "too short": torch.zeros(6),
+        "wrong dtype": torch.zeros(7, dtype=torch.float16),
+        "slice of another tensor": torch.zeros(8)[1:],
+    }[case]
     with pytest.raises(ValueError, match="out"):
         _core.penalty(p, s, f, 1.0, out)
 
 
-@pytest.mark.parametrize("case, exc, word", [
-    ("star too long", ValueError, "star"),
-    ("fisher too short", ValueError, "fisher"),
-    ("star 2-d", ValueError, "star"),
-    ("star on another device", ValueError, "star"),
-    ("fisher on another device", ValueError, "fisher"),
-    ("params on two devices", ValueError, "params"),
-    ("params of two dtypes", ValueError, "params"),
-    ("int params", TypeError, "params"),
-    ("float64 params", TypeError, "params"),
-    ("int star", TypeError, "star"),
-    ("int fisher", TypeError, "fisher"),
-    ("float16 star", TypeError, "star"),
-    ("star float32, fisher bfloat16", TypeError, "fisher"),
-    ("no params", ValueError, "params"),
-])
+@pytest.mark.parametrize(
+    "case, exc, word",
+    [
+        ("star too long", ValueError, "star"),
+        ("fisher too short", ValueError, "fisher"),
+        ("star 2-d", ValueError, "star"),
+        ("star on another device", ValueError, "star"),
+        ("fisher on another device", ValueError, "fisher"),
+        ("params on two devices", ValueError, "params"),
+        ("params of two dtypes", ValueError, "params"),
+        ("int params", TypeError, "params"),
+        ("float64 params", TypeError, "params"),
+        ("int star", TypeError, "star"),
+        ("int fisher", TypeError, "fisher"),
+        ("float16 star", TypeError, "star"),
+        ("star float32, fisher bfloat16", TypeError, "fisher"),
+        ("no params", ValueError, "params"),
+    ],
+)
 def test_core_penalty_rejects_bad_buffers(case: str, exc: type, word: str) -> None:
     p = [torch.zeros(3), torch.zeros(2, 2)]
     s, f = torch.zeros(7), torch.ones(7)
@@ -138,8 +144,12 @@ def shapes(draw: Any) -> tuple[int, ...]:
     return (size,)
 
 
-@settings(max_examples=30, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     specs=st.lists(st.tuples(shapes(), st.sampled_from(DTYPES)), min_size=1, max_size=40),
     lam=st.one_of(st.just(0.0), st.floats(1e-2, 1e3)),

@@ -27,8 +27,7 @@ def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
         for key in ("fisher", "star"):
             if set(pa[key]) != set(pb[key]):
                 return False
-            if not all(pa[key][n].dtype == pb[key][n].dtype and torch.equal(pa[key][n], pb[key][n])
-                       for n in pa[key]):
+            if not all(pa[key][n].dtype == pb[key][n].dtype and torch.equal(pa[key][n], pb[key][n]) for n in pa[key]):
                 return False
     return True
 
@@ -56,7 +55,12 @@ def test_state_dict_round_trip(mode: str, storage: Any, tmp_path: Any, seed: int
     ewc.save(str(tmp_path / "ewc.safetensors"))
     loaded = EWC.load(str(tmp_path / "ewc.safetensors"), model)
     assert (loaded.lam, loaded.mode, loaded.gamma, loaded.storage_dtype, loaded.num_tasks) == (
-        ewc.lam, ewc.mode, ewc.gamma, ewc.storage_dtype, ewc.num_tasks)
+        ewc.lam,
+        ewc.mode,
+        ewc.gamma,
+        ewc.storage_dtype,
+        ewc.num_tasks,
+    )
     assert same_state(loaded.state_dict(), ewc.state_dict()), f"seed={seed}"
     v2, g2 = ewc_value_and_grads(model, loaded)
     assert torch.equal(v2, v0) and all(torch.equal(g2[n], g0[n]) for n in g0), f"seed={seed}"
@@ -90,6 +94,7 @@ def test_stored_state_is_constant(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 def _bad_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Corrupted copies of a valid state with one pair (names 'a', 'b', ...)."""
+
     def variant(fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         s = copy.deepcopy(state)
         fn(s)
@@ -100,11 +105,13 @@ def _bad_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     def set_f(value: float) -> Callable[[dict[str, Any]], None]:
         def fn(s: dict[str, Any]) -> None:
             s["pairs"][0]["fisher"][first].view(-1)[0] = value
+
         return fn
 
     def set_star(value: float) -> Callable[[dict[str, Any]], None]:
         def fn(s: dict[str, Any]) -> None:
             s["pairs"][0]["star"][first].view(-1)[0] = value
+
         return fn
 
     return {
@@ -165,7 +172,8 @@ def test_failed_load_changes_nothing(seed: int) -> None:
         assert same_state(ewc.state_dict(), before_state), f"seed={seed}: failed load '{what}' changed the state"
         v1, g1 = ewc_value_and_grads(model, ewc)
         assert torch.equal(v1, v0) and all(torch.equal(g1[n], g0[n]) for n in g0), (
-            f"seed={seed}: failed load '{what}' changed the penalty")
+            f"seed={seed}: failed load '{what}' changed the penalty"
+        )
         # the norm-statistics freeze is still in place
         model.train()
         stats = [m.running_mean.clone() for m in bn]
@@ -190,7 +198,8 @@ def test_load_state_dict_rejects_a_state_the_model_does_not_fit(case: str, seed:
     assert same_state(ewc.state_dict(), before), f"seed={seed}: failed load ({case}) changed the state"
     v1, g1 = ewc_value_and_grads(model, ewc)
     assert torch.equal(v1, v0) and all(torch.equal(g1[n], g0[n]) for n in g0), (
-        f"seed={seed}: failed load ({case}) changed the penalty")
+        f"seed={seed}: failed load ({case}) changed the penalty"
+    )
 
 
 @pytest.mark.parametrize("case", ["unknown name", "wrong shape"])

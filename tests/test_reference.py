@@ -29,11 +29,7 @@ def _linear_batches(
     batches = []
     for _ in range(3):
         x = torch.randn(4, 5, generator=g)
-        y = (
-            torch.randn(4, out_features, generator=g)
-            if gaussian
-            else torch.randint(0, out_features, (4,), generator=g)
-        )
+        y = torch.randn(4, out_features, generator=g) if gaussian else torch.randint(0, out_features, (4,), generator=g)
         batches.append((x, y))
     return lin, batches
 
@@ -94,9 +90,7 @@ def test_mc_converges_to_exact(name: str) -> None:
     model, batches = make_batches(name, num_batches=2, batch_size=3)
     lik = LIKELIHOOD[name]
     s = 3000
-    labels = draw_mc_labels(
-        model, batches, likelihood=lik, mc_samples=s, generator=torch.Generator().manual_seed(7)
-    )
+    labels = draw_mc_labels(model, batches, likelihood=lik, mc_samples=s, generator=torch.Generator().manual_seed(7))
     mc = reference_fisher(model, batches, kind="mc", likelihood=lik, mc_samples=s, mc_labels=labels)
     exact = reference_fisher(model, batches, kind="exact", likelihood=lik)
     assert relative_error(mc, exact) < 0.05
@@ -149,9 +143,7 @@ def test_naive_penalty_gradient() -> None:
     model, batches = make_batches("mlp_bn")
     fisher = reference_fisher(model, batches, kind="empirical")
     g = torch.Generator().manual_seed(1)
-    star = {
-        n: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()
-    }
+    star = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
     model64 = copy.deepcopy(model).double()
     pen = naive_penalty(model64, star, fisher, 3.0)
     pen.backward()
@@ -159,8 +151,7 @@ def test_naive_penalty_gradient() -> None:
         want = 3.0 * fisher[n] * (p.detach() - star[n].double())
         torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-15)
     want_value = 1.5 * sum(
-        float((fisher[n] * (p.detach() - star[n].double()) ** 2).sum())
-        for n, p in model64.named_parameters()
+        float((fisher[n] * (p.detach() - star[n].double()) ** 2).sum()) for n, p in model64.named_parameters()
     )
     assert abs(pen.item() - want_value) <= 1e-12 * abs(want_value)
 

@@ -1,7 +1,8 @@
 """Typed signatures of the native module ``ewc_rs._core`` (Rust: tch, pyo3). Checked against the
 module by ``python -m mypy.stubtest``."""
 
-from typing import Optional, Sequence, final
+from collections.abc import Sequence
+from typing import Optional, final
 
 import torch
 from torch import nn

@@ -77,8 +77,11 @@ class Decomposed:
         self._on_failure = on_failure  # hands the layer's parameters to the fallback
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for p in (self.mha.in_proj_weight, self.mha.in_proj_bias,
-                            self.mha.out_proj.weight, self.mha.out_proj.bias) if p is not None]
+        return [
+            p
+            for p in (self.mha.in_proj_weight, self.mha.in_proj_bias, self.mha.out_proj.weight, self.mha.out_proj.bias)
+            if p is not None
+        ]
 
     def install(self) -> None:
         self.mha.forward = self.forward  # type: ignore[method-assign]
@@ -91,16 +94,26 @@ class Decomposed:
             self.failed = True
             self._on_failure(self.parameters())
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         original = type(self.mha).forward
         args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if not self.recording or self.failed:
             return original(self.mha, *args)
         usable = (
-            query is key and key is value and query.dim() == 3 and not self.mha.training
+            query is key
+            and key is value
+            and query.dim() == 3
+            and not self.mha.training
             and not (is_causal and attn_mask is None)
         )
         if not usable:
@@ -110,7 +123,8 @@ class Decomposed:
         signature = (
             None if key_padding_mask is None else (key_padding_mask.dtype, key_padding_mask.dim()),
             None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()),
-            need_weights, average_attn_weights,
+            need_weights,
+            average_attn_weights,
         )
         if signature not in self._verified:
             with torch.no_grad():
@@ -121,8 +135,14 @@ class Decomposed:
             self._verified.add(signature)
         return out
 
-    def _decomposed(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], need_weights: bool,
-                    attn_mask: Optional[torch.Tensor], average: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _decomposed(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor],
+        need_weights: bool,
+        attn_mask: Optional[torch.Tensor],
+        average: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         mha = self.mha
         if not mha.batch_first:
             x = x.transpose(0, 1)  # the proxies see [N, T, E]: sample index first, as the rules read it

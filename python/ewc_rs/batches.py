@@ -57,8 +57,7 @@ def batch_size(x: Any, index: int) -> int:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return int(v.shape[0])
     raise ValueError(
-        f"loader: batch {index}: inputs must be a tensor, or a tuple/list/dict holding tensors; "
-        f"got {type(x).__name__}"
+        f"loader: batch {index}: inputs must be a tensor, or a tuple/list/dict holding tensors; got {type(x).__name__}"
     )
 
 

@@ -48,8 +48,9 @@ class FisherOptions:
     num_samples: Optional[int]
     generator: Optional[torch.Generator]
 
-    def roots(self, out: torch.Tensor, y: Any, *, mc_draws: Optional[torch.Tensor] = None,
-              kind: Optional[str] = None) -> _core.RootSpec:
+    def roots(
+        self, out: torch.Tensor, y: Any, *, mc_draws: Optional[torch.Tensor] = None, kind: Optional[str] = None
+    ) -> _core.RootSpec:
         """The native root specification for a batch's outputs and targets."""
         fn = self.loglik_fn
         return _core.RootSpec(
@@ -108,8 +109,7 @@ class Estimation:
             raise ValueError("model: no parameter requires grad, so there is no Fisher to estimate")
         self.device = self.coverage.params[0].device
         self.budget = _budget_bytes()
-        self.sums = _core.FisherSums(params=self.coverage.params, names=self.coverage.names,
-                                     budget_bytes=self.budget)
+        self.sums = _core.FisherSums(params=self.coverage.params, names=self.coverage.names, budget_bytes=self.budget)
         self.seen = 0  # samples
         self.batches = 0
         self.checked = False  # the once-per-estimation rule check
@@ -256,8 +256,5 @@ def _not_per_sample(out: torch.Tensor, recorder: Recorder, n: int) -> set[int]:
     probe = (row * torch.linspace(1.0, 2.0, row.numel(), device=row.device)).sum()
     grads = torch.autograd.grad(probe, [c.output for c in sel], retain_graph=True, allow_unused=True)
     return {
-        s
-        for c, g in zip(sel, grads)
-        if g is not None and bool(torch.count_nonzero(g[1:]) > 0)
-        for s in c.site.slots()
+        s for c, g in zip(sel, grads) if g is not None and bool(torch.count_nonzero(g[1:]) > 0) for s in c.site.slots()
     }

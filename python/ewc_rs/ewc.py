@@ -22,7 +22,8 @@ derivative of the penalty raises an error.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -53,9 +54,17 @@ class EWC:
             the penalty sees an anchor error of up to 2⁻⁸|θ*| per weight (``tests/test_ewc.py``).
     """
 
-    def __init__(self, model: nn.Module, lam: float, *, mode: str = "separate", gamma: float = 1.0,
-                 params: ParamSelector = None, norm_stats: str = "freeze",
-                 storage_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        *,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        params: ParamSelector = None,
+        norm_stats: str = "freeze",
+        storage_dtype: Optional[torch.dtype] = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         self.lam = options.check_lam(lam)
@@ -162,7 +171,7 @@ class EWC:
         """Removes the ``norm_stats="freeze"`` hooks: normalisation layers follow ``train()`` again."""
         self._norm_stats.release()
 
-    def to(self, *args: Any, **kwargs: Any) -> "EWC":
+    def to(self, *args: Any, **kwargs: Any) -> EWC:
         """Moves the stored F and θ* ahead of time (the penalty follows ``model.to(...)`` on its own).
 
         Args:
@@ -211,7 +220,7 @@ class EWC:
         persistence.write_file(self._state(), path)
 
     @classmethod
-    def load(cls, path: str, model: nn.Module, *, params: ParamSelector = None) -> "EWC":
+    def load(cls, path: str, model: nn.Module, *, params: ParamSelector = None) -> EWC:
         """Reads a file from :meth:`save`, binds it to ``model`` and checks it as :meth:`load_state_dict` does.
 
         Args:
@@ -229,9 +238,12 @@ class EWC:
         return ewc.to(first.device) if first is not None else ewc
 
     def _state(self) -> persistence.EWCState:
-        return persistence.EWCState(self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype,
-                                    list(self._tasks))
+        return persistence.EWCState(
+            self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype, list(self._tasks)
+        )
 
     def __repr__(self) -> str:
-        return (f"EWC(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}, "
-                f"norm_stats={self.norm_stats!r}, storage_dtype={self.storage_dtype})")
+        return (
+            f"EWC(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}, "
+            f"norm_stats={self.norm_stats!r}, storage_dtype={self.storage_dtype})"
+        )

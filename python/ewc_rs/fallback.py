@@ -80,8 +80,9 @@ def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], options: Fishe
     return (eps @ f) / eps.shape[0] ** 0.5
 
 
-def _vmap_sq_grads(est: Estimation, batch: tuple[Any, Any, Optional[torch.Tensor]], n: int,
-                   slots: list[int]) -> list[torch.Tensor]:
+def _vmap_sq_grads(
+    est: Estimation, batch: tuple[Any, Any, Optional[torch.Tensor]], n: int, slots: list[int]
+) -> list[torch.Tensor]:
     """Σ over the batch's samples of each fallback parameter's squared per-sample gradients
     (summed over the roots), by ``vmap(jacrev(...))`` in chunks that fit the memory budget."""
     from torch.func import functional_call, jacrev, vmap

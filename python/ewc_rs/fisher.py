@@ -24,6 +24,7 @@ from .estimation import Estimation, FisherOptions
 KINDS = ("exact", "mc", "empirical", "batched")
 LIKELIHOODS = ("categorical", "gaussian")
 
+
 def _options(
     kind: str,
     likelihood: Union[str, LikelihoodFn],
@@ -47,11 +48,19 @@ def _options(
         raise ValueError(f"likelihood: expected 'categorical', 'gaussian' or a callable; got {likelihood!r}")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
         raise ValueError(f"num_samples: expected None or a positive integer, got {num_samples!r}")
     loglik_fn = likelihood if callable(likelihood) else None
-    return FisherOptions(kind=kind, likelihood=lik, loglik_fn=loglik_fn, mc_samples=mc_samples,
-                         num_samples=num_samples, generator=generator)
+    return FisherOptions(
+        kind=kind,
+        likelihood=lik,
+        loglik_fn=loglik_fn,
+        mc_samples=mc_samples,
+        num_samples=num_samples,
+        generator=generator,
+    )
 
 
 def fisher_diag(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Pattern, Sequence, Union
+from collections.abc import Iterable, Sequence
+from re import Pattern
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn

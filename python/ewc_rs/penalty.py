@@ -9,8 +9,9 @@ same parameter objects.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -130,14 +131,16 @@ class PenaltyPlan:
                 const += c
                 stars.append(m.reshape(-1))
                 fishers.append(f_tot.reshape(-1))
-            groups.append(FlatGroup(
-                index=index,
-                params=[params[i] for i in index],
-                device=device,
-                dtype=dtype,
-                star=torch.cat(stars).to(storage_dtype),
-                fisher=torch.cat(fishers).to(storage_dtype),
-            ))
+            groups.append(
+                FlatGroup(
+                    index=index,
+                    params=[params[i] for i in index],
+                    device=device,
+                    dtype=dtype,
+                    star=torch.cat(stars).to(storage_dtype),
+                    fisher=torch.cat(fishers).to(storage_dtype),
+                )
+            )
         return cls(model, names, params, groups, max(const, 0.0))
 
     def matches(self, model: nn.Module) -> bool:
@@ -219,8 +222,11 @@ def _fold_parameter(
     tasks: Sequence[TaskRecord], name: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(m, F, c) of one parameter over the tasks that store it, in float64 on ``device``."""
-    terms = [(task.fisher[name].to(device, torch.float64), task.star[name].to(device, torch.float64))
-             for task in tasks if name in task.fisher]
+    terms = [
+        (task.fisher[name].to(device, torch.float64), task.star[name].to(device, torch.float64))
+        for task in tasks
+        if name in task.fisher
+    ]
     f_tot = torch.stack([f for f, _ in terms]).sum(0)
     fs_tot = torch.stack([f * s for f, s in terms]).sum(0)
     m = torch.where(f_tot > 0, fs_tot / f_tot.clamp_min(1e-300), terms[-1][1])

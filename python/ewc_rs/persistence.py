@@ -108,8 +108,10 @@ def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
             raise ValueError(f"state: task {t}, parameter '{n}': F or θ* has non-finite values")
         if (f < 0).any():
             raise ValueError(f"state: task {t}, parameter '{n}': F has negative values")
-    return TaskRecord(fisher={n: v.detach().to(storage) for n, v in fisher.items()},
-                      star={n: v.detach().to(storage) for n, v in star.items()})
+    return TaskRecord(
+        fisher={n: v.detach().to(storage) for n, v in fisher.items()},
+        star={n: v.detach().to(storage) for n, v in star.items()},
+    )
 
 
 def _check_fits_model(tasks: list[TaskRecord], model: nn.Module) -> None:
@@ -162,7 +164,11 @@ def read_file(path: str) -> dict[str, Any]:
         if raw is None:
             raise ValueError(f"path: {path} is not an ewc_rs file (no 'ewc_rs' metadata)")
         meta = json.loads(raw)
-        tasks = [{"fisher": {n: fh.get_tensor(f"{t}.fisher.{i}") for i, n in enumerate(names)},
-                  "star": {n: fh.get_tensor(f"{t}.star.{i}") for i, n in enumerate(names)}}
-                 for t, names in enumerate(meta.pop("layout"))]
+        tasks = [
+            {
+                "fisher": {n: fh.get_tensor(f"{t}.fisher.{i}") for i, n in enumerate(names)},
+                "star": {n: fh.get_tensor(f"{t}.star.{i}") for i, n in enumerate(names)},
+            }
+            for t, names in enumerate(meta.pop("layout"))
+        ]
     return {**meta, TASKS_KEY: tasks}

@@ -97,9 +97,7 @@ def cover_model(model: nn.Module) -> RuleCoverage:
     covered = {id(p) for a in cov.attention for p in a.parameters()}
     for module in model.modules():
         own = [
-            (k, p)
-            for k, p in module._parameters.items()
-            if p is not None and id(p) in slot_of and id(p) not in covered
+            (k, p) for k, p in module._parameters.items() if p is not None and id(p) in slot_of and id(p) not in covered
         ]
         if not own:
             continue
@@ -129,9 +127,7 @@ class Recorder:
         self.enabled = False
         self.clone_outputs = False  # set when an in-place op modified a recorded output
         self.calls: list[Call] = []
-        self.handles = [
-            s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in coverage.sites
-        ]
+        self.handles = [s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in coverage.sites]
         for a in coverage.attention:
             a.install()
 

@@ -6,8 +6,9 @@ Separate mode keeps one :class:`TaskRecord` per task; online mode keeps one, fol
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from typing import Optional
 
 import torch
 
@@ -24,8 +25,9 @@ class TaskRecord:
     star: dict[str, torch.Tensor]
 
     @classmethod
-    def snapshot(cls, params: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor],
-                 storage_dtype: torch.dtype) -> TaskRecord:
+    def snapshot(
+        cls, params: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], storage_dtype: torch.dtype
+    ) -> TaskRecord:
         """The record of the task just learned: its Fisher and a copy of the current weights as θ*.
 
         Args:
@@ -36,8 +38,10 @@ class TaskRecord:
         Returns:
             A record over ``params``' names.
         """
-        return cls(fisher={n: fisher[n].to(storage_dtype) for n in params},
-                   star={n: p.detach().to(storage_dtype, copy=True) for n, p in params.items()})
+        return cls(
+            fisher={n: fisher[n].to(storage_dtype) for n in params},
+            star={n: p.detach().to(storage_dtype, copy=True) for n, p in params.items()},
+        )
 
     def to(self, device: torch.device) -> TaskRecord:
         """The same record with every tensor on ``device`` (dtypes kept).
@@ -48,8 +52,10 @@ class TaskRecord:
         Returns:
             A new record (tensors already there are shared, as ``Tensor.to`` does).
         """
-        return TaskRecord(fisher={n: t.to(device) for n, t in self.fisher.items()},
-                          star={n: t.to(device) for n, t in self.star.items()})
+        return TaskRecord(
+            fisher={n: t.to(device) for n, t in self.fisher.items()},
+            star={n: t.to(device) for n, t in self.star.items()},
+        )
 
 
 def fold_online(old: Optional[TaskRecord], new: TaskRecord, gamma: float, storage_dtype: torch.dtype) -> TaskRecord:
