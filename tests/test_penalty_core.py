@@ -311,3 +311,36 @@ def test_backward_flat_buffer_branch_matches(seed: int) -> None:
     err = relative_error(grads_of(model), expected)
     assert err <= TOL, f"seed={seed}: relative error {err:.3g}"
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("case", ["a parameter", "star", "fisher"])
+def test_core_penalty_rejects_out_sharing_memory(case: str) -> None:
+    """``out`` must not alias what the pass reads: a ValueError, and nothing is written."""
+    buf = torch.randn(7)
+    p = [buf[:3], buf[3:].view(2, 2)]
+    s, f = torch.randn(7), torch.rand(7)
+    out = {"a parameter": buf, "star": s, "fisher": f}[case]
+    before = [t.clone() for t in (buf, s, f)]
+    with pytest.raises(ValueError, match="out: .*shares no memory"):
+        _core.penalty(p, s, f, 1.0, out)
+    for t, b in zip((buf, s, f), before):
+        assert torch.equal(t, b), f"{case}: a rejected out buffer was written"
+
+
+def test_core_add_to_grads_does_not_write_a_grad_that_aliases_its_parameter(seed: int) -> None:
+    """A ``.grad`` sharing memory with what the pass reads is not written in place: its gradient
+    comes back as pending, computed from the unchanged parameter."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(5, generator=g).requires_grad_(True)
+    q = torch.randn(3, generator=g).requires_grad_(True)
+    q.grad = torch.zeros(3)
+    p.grad = p.detach()  # aliases p's memory
+    theta = torch.cat([p.detach(), q.detach()]).clone()
+    s, f = torch.randn(8, generator=g), torch.rand(8, generator=g)
+    value, pending = _core.penalty_add_to_grads([p, q], s, f, 2.0, 1.0)
+    want_grad = 2.0 * f * (theta - s)
+    assert torch.equal(p.detach(), theta[:5]), f"seed={seed}: the parameter was written"
+    assert abs(float(value) - float(0.5 * 2.0 * (f * (theta - s) ** 2).sum())) < 1e-5
+    got = {i: t for i, t in pending}
+    assert set(got) == {0, 1}, f"seed={seed}: every gradient goes through fresh buffers, got {sorted(got)}"
+    assert torch.allclose(got[0], want_grad[:5]) and torch.allclose(got[1], want_grad[5:])

@@ -454,6 +454,23 @@ mod tests {
     }
 
     #[test]
+    fn out_sharing_memory_with_an_input_is_rejected_unwritten() {
+        let opts = (Kind::Float, Device::Cpu);
+        let star = Tensor::randn([6], opts);
+        let fisher = Tensor::rand([6], opts);
+        let params = vec![Tensor::randn([6], opts)];
+        for out in [&star, &fisher, &params[0]] {
+            let before = out.copy();
+            let err = penalty(&params, &star, &fisher, 1.0, Some(out.shallow_clone()))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("shares no memory"), "{err}");
+            assert!(out.equal(&before), "a rejected out buffer was written");
+        }
+    }
+
+    #[test]
     fn wrong_buffer_length_is_rejected_with_its_name() {
         let params = vec![Tensor::zeros([3], (Kind::Float, Device::Cpu))];
         let star = Tensor::zeros([4], (Kind::Float, Device::Cpu));
