@@ -33,3 +33,11 @@ def test_no_library_function_takes_more_than_six_positional_parameters() -> None
 def test_no_too_many_arguments_allowance_in_rust() -> None:
     found = [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.rs") if "too_many_arguments" in p.read_text()]
     assert not found, f"clippy::too_many_arguments allowed in {found}"
+
+
+def test_ewc_class_is_a_facade_of_at_most_200_lines() -> None:
+    tree = ast.parse((LIBRARY / "ewc.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EWC"]
+    assert cls.end_lineno is not None
+    lines = cls.end_lineno - cls.lineno + 1
+    assert lines <= 200, f"EWC is {lines} lines: move logic to tasks/penalty/persistence/norm_stats"

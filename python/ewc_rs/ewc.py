@@ -33,7 +33,7 @@ from .fisher import fisher_diag
 from .norm_stats import NormStatsFreezer
 from .options import ParamSelector
 from .penalty import FusedPenalty, PenaltyPlan, zero_penalty
-from .tasks import TaskRecord, fold_online
+from .tasks import TaskRecord, add_task
 
 
 class EWC:
@@ -46,12 +46,10 @@ class EWC:
         gamma: decay γ in [0, 1] of the old Fisher in online mode.
         params: what to protect: None (all that require grad), a list of names, a regex (``re.search``
             on the name) or a predicate ``(name, parameter) -> bool``; e.g. all but a task head.
-        norm_stats: ``"freeze"`` (default): once a task is consolidated, normalisation layers with
-            running statistics run in eval mode (EWC protects parameters, not buffers); ``"update"``:
-            they follow ``model.train()`` (warns once). See :mod:`ewc_rs.norm_stats`.
-        storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for F and θ*, halving their
-            memory; each stored θ*_i and F_i is then off by up to 2⁻⁸ (≈0.4%) of its magnitude, so
-            the penalty sees an anchor error of up to 2⁻⁸|θ*| per weight (``tests/test_ewc.py``).
+        norm_stats: ``"freeze"`` (default; after a consolidation, normalisation layers with running
+            statistics run in eval mode) or ``"update"`` (they follow ``model.train()``): :mod:`.norm_stats`.
+        storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for F and θ*: half the memory,
+            each stored value off by up to 2⁻⁸ (≈0.4%) of its magnitude (measured in ``tests/test_ewc.py``).
     """
 
     def __init__(
@@ -95,14 +93,9 @@ class EWC:
             The new task's Fisher ``{name: F}`` (float32), as estimated.
         """
         chosen = options.selected_parameters(self._model, self._selector)
-        # detach: F is a constant of the penalty (and must not keep an autograd graph alive)
         full = {n: f.detach() for n, f in fisher_diag(self._model, loader, kind=kind, **fisher_options).items()}
-        new = TaskRecord.snapshot(chosen, full, self.storage_dtype)
-        if self.mode == "online":
-            old = self._tasks[0] if self._tasks else None
-            self._tasks = [fold_online(old, new, self.gamma, self.storage_dtype)]
-        else:
-            self._tasks.append(new)
+        new = TaskRecord.snapshot(chosen, full, self.storage_dtype)  # detached: F and θ* are constants
+        self._tasks = add_task(self._tasks, new, online=self.mode == "online", gamma=self.gamma)
         self._cached_plan = None
         self._norm_stats.install()
         return {n: full[n] for n in chosen}
@@ -150,8 +143,7 @@ class EWC:
             The penalty's value, a detached 0-d float32 tensor (for logging).
 
         Raises:
-            ValueError: a consolidated parameter is missing from ``model`` or changed shape, or
-                ``grad_scale`` is not a finite number.
+            ValueError: a consolidated parameter is missing from ``model`` or changed shape; bad ``grad_scale``.
         """
         scale = options.check_grad_scale(grad_scale)
         model = self._model if model is None else model
@@ -234,16 +226,12 @@ class EWC:
         state = persistence.read_file(path)
         ewc = cls(model, state["lam"], mode=state["mode"], gamma=state["gamma"], params=params)
         ewc.load_state_dict(state)
-        first = next(model.parameters(), None)
-        return ewc.to(first.device) if first is not None else ewc
+        return ewc.to(next(model.parameters()).device) if list(model.parameters()) else ewc
 
     def _state(self) -> persistence.EWCState:
-        return persistence.EWCState(
-            self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype, list(self._tasks)
-        )
+        config = (self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype)
+        return persistence.EWCState(*config, tasks=list(self._tasks))
 
     def __repr__(self) -> str:
-        return (
-            f"EWC(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}, "
-            f"norm_stats={self.norm_stats!r}, storage_dtype={self.storage_dtype})"
-        )
+        config = f"lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}"
+        return f"EWC({config}, norm_stats={self.norm_stats!r}, storage_dtype={self.storage_dtype})"

@@ -83,6 +83,25 @@ def fold_online(old: Optional[TaskRecord], new: TaskRecord, gamma: float, storag
     return TaskRecord(fisher=fisher, star=new.star)
 
 
+def add_task(tasks: list[TaskRecord], new: TaskRecord, *, online: bool, gamma: float) -> list[TaskRecord]:
+    """The stored records after a consolidation: ``new`` appended (separate EWC), or folded into
+    the one record (online EWC, :func:`fold_online`; F stays in ``new``'s dtype).
+
+    Args:
+        tasks: the records so far, oldest first.
+        new: F and θ* of the task just learned.
+        online: whether to fold instead of appending.
+        gamma: decay γ of the old Fisher when folding.
+
+    Returns:
+        A new list; ``tasks`` is left as it is.
+    """
+    if not online:
+        return [*tasks, new]
+    dtype = next(iter(new.fisher.values())).dtype if new.fisher else torch.float32
+    return [fold_online(tasks[0] if tasks else None, new, gamma, dtype)]
+
+
 def first_misfit(
     tasks: Iterable[TaskRecord], shapes: Mapping[str, torch.Size]
 ) -> Optional[tuple[str, torch.Size, Optional[torch.Size]]]:

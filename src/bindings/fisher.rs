@@ -238,8 +238,7 @@ impl FisherSums {
         calls: Vec<PyRef<'_, LayerCall>>,
         whole_slots: Vec<usize>,
     ) -> PyResult<()> {
-        let (outputs, spec) = (outputs.0, roots.share());
-        let calls: Vec<driver::LayerCall> = calls.iter().map(|c| c.share()).collect();
+        let (outputs, spec, calls) = shared_batch(outputs, roots, &calls);
         let sums = &self.sums;
         py.allow_threads(move || {
             let roots = spec.build(&outputs)?;
@@ -277,8 +276,7 @@ impl FisherSums {
         calls: Vec<PyRef<'_, LayerCall>>,
         slots: Vec<usize>,
     ) -> PyResult<Vec<(usize, f64)>> {
-        let (outputs, spec) = (outputs.0, roots.share());
-        let calls: Vec<driver::LayerCall> = calls.iter().map(|c| c.share()).collect();
+        let (outputs, spec, calls) = shared_batch(outputs, roots, &calls);
         let sums = &self.sums;
         let out = py.allow_threads(move || {
             let roots = spec.build(&outputs)?;
@@ -289,4 +287,18 @@ impl FisherSums {
         })?;
         Ok(out)
     }
+}
+
+/// A batch's outputs, root specification and layer calls as values that share the tensors and
+/// can leave the GIL.
+fn shared_batch(
+    outputs: PyTensor,
+    roots: &RootSpec,
+    calls: &[PyRef<'_, LayerCall>],
+) -> (Tensor, roots::RootSpec, Vec<driver::LayerCall>) {
+    (
+        outputs.0,
+        roots.share(),
+        calls.iter().map(|c| c.share()).collect(),
+    )
 }
