@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from . import _core
-from .batches import LikelihoodFn, batch_size, call_model, check_outputs, loglik, take, to_device, unpack
-from .fallback import fallback_step
+from .batches import batch_size, call_model, check_outputs, take, to_device, unpack
+from .fallback import Fallback
+from .fisher_options import FisherOptions
 from .recording import Recorder, RuleCoverage, cover_model
 
 #: Rules whose check against autograd differs by more than this use the fallback instead.
@@ -34,55 +34,6 @@ _CHECK_SAMPLES = 16
 def _budget_bytes() -> int:
     """Bound on per-sample intermediates (``EWC_RS_CHUNK_MB``, default 256 MiB)."""
     return int(float(os.environ.get("EWC_RS_CHUNK_MB", "256")) * 2**20)
-
-
-@dataclass(frozen=True)
-class FisherOptions:
-    """The validated options of one estimation (see ``fisher.fisher_diag``)."""
-
-    kind: str
-    #: 'categorical', 'gaussian', or 'custom' when ``loglik_fn`` is given.
-    likelihood: str
-    loglik_fn: Optional[LikelihoodFn]
-    mc_samples: int
-    num_samples: Optional[int]
-    generator: Optional[torch.Generator]
-
-    def roots(
-        self, out: torch.Tensor, y: Any, *, mc_draws: Optional[torch.Tensor] = None, kind: Optional[str] = None
-    ) -> _core.RootSpec:
-        """The native root specification for a batch's outputs and targets."""
-        fn = self.loglik_fn
-        return _core.RootSpec(
-            kind=kind or self.kind,
-            likelihood=self.likelihood,
-            targets=y if fn is None else None,
-            mc_draws=mc_draws,
-            loglik=None if fn is None else loglik(fn, out, y),
-        )
-
-    def draw_mc(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Labels ``[N, S]`` drawn from p(·|x) (categorical) or noise ``[N, S, D]`` (gaussian)."""
-        out = outputs.detach().float()
-        # Checked here because torch.multinomial would fail first, with a message naming neither.
-        if self.likelihood == "categorical" and out.dim() != 2:
-            raise ValueError(
-                f"model outputs: likelihood 'categorical' expects logits of shape [N, C], got {list(out.shape)}"
-            )
-        if not torch.isfinite(out).all():
-            raise ValueError(
-                "model outputs: non-finite values (NaN or inf), so kind='mc' cannot draw labels from "
-                "them: check the model's outputs and the data for NaN/inf"
-            )
-        gen = self.generator
-        gen_device = gen.device if gen is not None else out.device
-        if self.likelihood == "categorical":
-            probs = torch.softmax(out, dim=1).to(gen_device)
-            draws = torch.multinomial(probs, self.mc_samples, replacement=True, generator=gen)
-        else:
-            out2 = out.reshape(out.shape[0], -1)
-            draws = torch.randn(out2.shape[0], self.mc_samples, out2.shape[1], generator=gen, device=gen_device)
-        return draws.to(out.device)
 
 
 @contextmanager
@@ -110,6 +61,7 @@ class Estimation:
         self.device = self.coverage.params[0].device
         self.budget = _budget_bytes()
         self.sums = _core.FisherSums(params=self.coverage.params, names=self.coverage.names, budget_bytes=self.budget)
+        self.fallback = Fallback(model, self.coverage, options, self.sums, self.budget)
         self.seen = 0  # samples
         self.batches = 0
         self.checked = False  # the once-per-estimation rule check
@@ -199,7 +151,7 @@ class Estimation:
         mc = self.options.draw_mc(out) if self.options.kind == "mc" else None
         self.sums.add_batch(out, self.options.roots(out, y, mc_draws=mc), calls=recorder.layer_calls())
         if self.coverage.fallback:
-            fallback_step(self, x, y, n, mc)
+            self.fallback.step(x, y, n, mc)
 
     def _recorded_forward(self, x: Any, recorder: Recorder) -> torch.Tensor:
         """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""

@@ -5,51 +5,97 @@ when the model cannot be vmapped, one forward/backward per sample through the na
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from .batches import check_outputs, take, unsqueeze
-
-if TYPE_CHECKING:
-    from .estimation import Estimation, FisherOptions
+from . import _core
+from .batches import call_model, check_outputs, take, unsqueeze
+from .fisher_options import FisherOptions
+from .recording import RuleCoverage
 
 #: Tests set this to False to exercise the one-sample-at-a-time fallback.
 USE_VMAP_FALLBACK = True
 
 
-def fallback_step(est: Estimation, x: Any, y: Any, n: int, mc: Optional[torch.Tensor]) -> None:
-    """Exact per-sample squared gradients of the parameters without a rule, added to ``est.sums``.
+@dataclass
+class Fallback:
+    """The fallback of one estimation: the model, which slots it serves (``coverage.fallback``),
+    the options, and the sums it adds into."""
 
-    First choice: ``torch.func`` (``vmap`` over samples of ``jacrev`` of the per-sample terms),
-    one vectorised pass. If the model cannot be vmapped (some RNN kernels, data-dependent
-    control flow), it falls back for good to one forward/backward per sample through the native
-    engine. Both are exact; a parameter shared with rule layers is entirely computed here.
-    """
-    cov = est.coverage
-    slots = sorted(cov.fallback)
-    if USE_VMAP_FALLBACK and cov.vmap_ok is not False:
-        try:
-            with warnings.catch_warnings():
-                # functorch's note that an op runs through its slower per-sample loop: still exact.
-                warnings.filterwarnings("ignore", message="There is a performance drop")
-                sums = _vmap_sq_grads(est, (x, y, mc), n, slots)
-        except Exception:
-            if cov.vmap_ok:
-                raise  # vmap worked on earlier batches: this is a real error
-            cov.vmap_ok = False
-        else:
-            cov.vmap_ok = True
-            for s, t in zip(slots, sums):
-                est.sums.add(s, t)
-            return
-    for i in range(n):
-        sl = slice(i, i + 1)
-        xi, yi = take(x, sl), take(y, sl)
-        out_i = est.forward(xi)
-        mc_i = None if mc is None else mc[sl]
-        est.sums.add_batch(out_i, est.options.roots(out_i, yi, mc_draws=mc_i), whole_slots=slots)
+    model: nn.Module
+    coverage: RuleCoverage
+    options: FisherOptions
+    sums: _core.FisherSums
+    budget: int
+
+    def step(self, x: Any, y: Any, n: int, mc: Optional[torch.Tensor]) -> None:
+        """Exact per-sample squared gradients of the parameters without a rule, added to the sums.
+
+        First choice: ``torch.func`` (``vmap`` over samples of ``jacrev`` of the per-sample
+        terms), one vectorised pass. If the model cannot be vmapped (some RNN kernels,
+        data-dependent control flow), it falls back for good to one forward/backward per sample
+        through the native engine. Both are exact; a parameter shared with rule layers is
+        entirely computed here.
+        """
+        cov = self.coverage
+        slots = sorted(cov.fallback)
+        if USE_VMAP_FALLBACK and cov.vmap_ok is not False:
+            try:
+                with warnings.catch_warnings():
+                    # functorch's note that an op runs through its slower per-sample loop: still exact.
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    sums = self._vmap_sq_grads((x, y, mc), n, slots)
+            except Exception:
+                if cov.vmap_ok:
+                    raise  # vmap worked on earlier batches: this is a real error
+                cov.vmap_ok = False
+            else:
+                cov.vmap_ok = True
+                for s, t in zip(slots, sums):
+                    self.sums.add(s, t)
+                return
+        for i in range(n):
+            sl = slice(i, i + 1)
+            xi, yi = take(x, sl), take(y, sl)
+            out_i = check_outputs(call_model(self.model, xi))
+            mc_i = None if mc is None else mc[sl]
+            self.sums.add_batch(out_i, self.options.roots(out_i, yi, mc_draws=mc_i), whole_slots=slots)
+
+    def _vmap_sq_grads(
+        self, batch: tuple[Any, Any, Optional[torch.Tensor]], n: int, slots: list[int]
+    ) -> list[torch.Tensor]:
+        """Σ over the batch's samples of each fallback parameter's squared per-sample gradients
+        (summed over the roots), by ``vmap(jacrev(...))`` in chunks that fit the memory budget."""
+        from torch.func import functional_call, jacrev, vmap
+
+        x, y, mc = batch
+        cov, options, model = self.coverage, self.options, self.model
+        names = [cov.names[s] for s in slots]
+        theta = {nm: cov.params[s].detach() for nm, s in zip(names, slots)}
+
+        def per_sample(th: dict, xn: Any, yn: Any, mcn: Optional[torch.Tensor]) -> torch.Tensor:
+            xb = unsqueeze(xn)  # each sample as a batch of one inside the vmapped function
+            out = _functional_forward(functional_call, model, th, xb)
+            yb = None if yn is None else unsqueeze(yn)
+            return _terms(out, yb, mcn, options)
+
+        in_dims = (None, 0, None if y is None else 0, None if mc is None else 0)
+        fn = vmap(jacrev(per_sample), in_dims=in_dims)
+        per_sample_elems = sum(t.numel() for t in theta.values()) * (_roots_per_sample(options, mc) + 1)
+        chunk = max(1, min(n, self.budget // max(1, 4 * per_sample_elems)))
+        sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in theta.values()]
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            # no_grad: jacrev still differentiates w.r.t. theta, but the other parameters (rule
+            # layers, requires_grad) must not tie the Fisher to an autograd graph.
+            with torch.no_grad():
+                jac = fn(theta, take(x, sl), take(y, sl), None if mc is None else mc[sl])
+            for i, nm in enumerate(names):
+                sums[i] += jac[nm].float().square().sum(dim=(0, 1))
+        return sums
 
 
 def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], options: FisherOptions) -> torch.Tensor:
@@ -78,40 +124,6 @@ def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], options: Fishe
     assert mc is not None
     eps = mc.float().reshape(-1, f.numel())
     return (eps @ f) / eps.shape[0] ** 0.5
-
-
-def _vmap_sq_grads(
-    est: Estimation, batch: tuple[Any, Any, Optional[torch.Tensor]], n: int, slots: list[int]
-) -> list[torch.Tensor]:
-    """Σ over the batch's samples of each fallback parameter's squared per-sample gradients
-    (summed over the roots), by ``vmap(jacrev(...))`` in chunks that fit the memory budget."""
-    from torch.func import functional_call, jacrev, vmap
-
-    x, y, mc = batch
-    cov, options = est.coverage, est.options
-    names = [cov.names[s] for s in slots]
-    theta = {nm: cov.params[s].detach() for nm, s in zip(names, slots)}
-
-    def per_sample(th: dict, xn: Any, yn: Any, mcn: Optional[torch.Tensor]) -> torch.Tensor:
-        xb = unsqueeze(xn)  # each sample as a batch of one inside the vmapped function
-        out = _functional_forward(functional_call, est.model, th, xb)
-        yb = None if yn is None else unsqueeze(yn)
-        return _terms(out, yb, mcn, options)
-
-    in_dims = (None, 0, None if y is None else 0, None if mc is None else 0)
-    fn = vmap(jacrev(per_sample), in_dims=in_dims)
-    per_sample_elems = sum(t.numel() for t in theta.values()) * (_roots_per_sample(options, mc) + 1)
-    chunk = max(1, min(n, est.budget // max(1, 4 * per_sample_elems)))
-    sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in theta.values()]
-    for start in range(0, n, chunk):
-        sl = slice(start, start + chunk)
-        # no_grad: jacrev still differentiates w.r.t. theta, but the other parameters (rule
-        # layers, requires_grad) must not tie the Fisher to an autograd graph.
-        with torch.no_grad():
-            jac = fn(theta, take(x, sl), take(y, sl), None if mc is None else mc[sl])
-        for i, nm in enumerate(names):
-            sums[i] += jac[nm].float().square().sum(dim=(0, 1))
-    return sums
 
 
 def _roots_per_sample(options: FisherOptions, mc: Optional[torch.Tensor]) -> int:

@@ -19,48 +19,10 @@ import torch
 from torch import nn
 
 from .batches import LikelihoodFn
-from .estimation import Estimation, FisherOptions
+from .estimation import Estimation
+from .fisher_options import KINDS, parse_options
 
-KINDS = ("exact", "mc", "empirical", "batched")
-LIKELIHOODS = ("categorical", "gaussian")
-
-
-def _options(
-    kind: str,
-    likelihood: Union[str, LikelihoodFn],
-    mc_samples: int,
-    num_samples: Optional[int],
-    generator: Optional[torch.Generator],
-) -> FisherOptions:
-    """Checks the options; every failure names the argument and what was expected."""
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {', '.join(map(repr, KINDS))}; got {kind!r}")
-    if callable(likelihood):
-        if kind in ("exact", "mc"):
-            raise ValueError(
-                f"kind={kind!r} needs the model's predictive distribution, which a callable likelihood "
-                "does not define; use kind='empirical' or kind='batched' with a callable likelihood"
-            )
-        lik = "custom"
-    elif likelihood in LIKELIHOODS:
-        lik = str(likelihood)
-    else:
-        raise ValueError(f"likelihood: expected 'categorical', 'gaussian' or a callable; got {likelihood!r}")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples: expected a positive integer, got {mc_samples!r}")
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-    ):
-        raise ValueError(f"num_samples: expected None or a positive integer, got {num_samples!r}")
-    loglik_fn = likelihood if callable(likelihood) else None
-    return FisherOptions(
-        kind=kind,
-        likelihood=lik,
-        loglik_fn=loglik_fn,
-        mc_samples=mc_samples,
-        num_samples=num_samples,
-        generator=generator,
-    )
+__all__ = ["KINDS", "fisher_diag"]
 
 
 def fisher_diag(
@@ -117,5 +79,5 @@ def fisher_diag(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    options = _options(kind, likelihood, mc_samples, num_samples, generator)
+    options = parse_options(kind, likelihood, mc_samples, num_samples, generator)
     return Estimation(model, options).run(loader, progress=progress)
