@@ -648,15 +648,15 @@ class ThreeDLogits(nn.Module):
         return self.l(x).reshape(x.shape[0], 2, 3)
 
 
-class TupleOut(nn.Module):
-    """Returns (logits, hidden) instead of a tensor."""
+class DictOut(nn.Module):
+    """Returns a dict without a "logits" entry."""
 
     def __init__(self) -> None:
         super().__init__()
         self.l = nn.Linear(10, 5)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.l(x), x
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"scores": self.l(x)}
 
 
 def _with_nan(batches: Sequence[Batch]) -> list[Batch]:
@@ -678,11 +678,11 @@ BAD: list[tuple[str, Call, type, str]] = [
     ("batch_of_one", lambda m, b: fisher_diag(m, [(b[0][0],)]), ValueError, r"pair"),
     ("batch_of_three", lambda m, b: fisher_diag(m, [(*b[0], b[0][1])]), ValueError, r"pair"),
     *[
-        (
+        (  # per-position logits [4, 2, 3] need per-position targets [4, 2]
             f"3d_logits_{k}",
             lambda m, b, k=k: fisher_diag(ThreeDLogits(), b, kind=k),
             ValueError,
-            r"\[N, C\].*\[4, 2, 3\]",
+            r"targets: expected shape \[4, 2\].*\[4, 2, 3\].*got \[4\]",
         )
         for k in ("exact", "mc", "empirical", "batched")
     ],
@@ -692,7 +692,14 @@ BAD: list[tuple[str, Call, type, str]] = [
         ValueError,
         r"gaussian.*\[N, D\]",
     ),
-    ("tuple_outputs", lambda m, b: fisher_diag(TupleOut(), b), ValueError, r"model outputs"),
+    ("dict_outputs_without_logits", lambda m, b: fisher_diag(DictOut(), b), ValueError, r"model outputs.*'logits'"),
+    ("outputs_not_callable", lambda m, b: fisher_diag(m, b, outputs="logits"), ValueError, r"outputs: expected"),
+    (
+        "outputs_callable_returns_dict",
+        lambda m, b: fisher_diag(DictOut(), b, outputs=lambda o: o),
+        ValueError,
+        r"outputs= callable returned dict",
+    ),
     *[
         (
             f"label_{what}_{k}",

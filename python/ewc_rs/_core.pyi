@@ -58,6 +58,7 @@ class RootSpec:
         targets: Optional[torch.Tensor] = None,
         mc_draws: Optional[torch.Tensor] = None,
         loglik: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
     ) -> RootSpec: ...
 
 @final

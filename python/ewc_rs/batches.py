@@ -1,11 +1,12 @@
 """Batches as the Fisher engine meets them: ``(inputs, targets)`` where inputs are a tensor
-(``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``); moving, slicing and
-checking them, and calling the model on them."""
+(``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``), numpy arrays allowed
+anywhere tensors are; converting, moving, slicing and checking them, and calling the model on them."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,20 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
         return type(x)(map_tensors(fn, v) for v in x)
     if isinstance(x, dict):
         return {k: map_tensors(fn, v) for k, v in x.items()}
+    return x
+
+
+def as_tensors(x: Any) -> Any:
+    """A batch element with every numpy array turned into a tensor: zero-copy (``torch.from_numpy``,
+    which keeps the array alive) when the array is writable, else a copy."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == object or x.dtype.kind in "USV":
+            raise TypeError(f"loader: a numpy array of dtype {x.dtype} cannot become a tensor; expected numbers")
+        return torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(as_tensors(v) for v in x)
+    if isinstance(x, dict):
+        return {k: as_tensors(v) for k, v in x.items()}
     return x
 
 
@@ -66,21 +81,3 @@ def unpack(batch: Any, index: int) -> tuple[Any, Any]:
         what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         raise ValueError(f"loader: batch {index} must be a pair (inputs, targets), got {what}")
     return batch[0], batch[1]
-
-
-def loglik(likelihood: Union[str, LikelihoodFn], out: Any, y: Any) -> Optional[torch.Tensor]:
-    if not callable(likelihood):
-        return None
-    ll = likelihood(out, y)
-    if not isinstance(ll, torch.Tensor):
-        raise TypeError(f"likelihood: the callable must return a tensor [N], got {type(ll).__name__}")
-    return ll
-
-
-def check_outputs(out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(
-            f"model outputs: expected a tensor, got {type(out).__name__}; wrap the model so that it "
-            "returns the logits (categorical) or predictions (gaussian)"
-        )
-    return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _core
-from .batches import batch_size, call_model, check_outputs, take, to_device, unpack
+from .batches import as_tensors, batch_size, call_model, take, to_device, unpack
 from .fallback import Fallback
 from .fisher_options import FisherOptions
 from .recording import Recorder, RuleCoverage, cover_model
@@ -100,6 +100,7 @@ class Estimation:
         if limit is not None and self.seen >= limit:
             return None
         x, y = unpack(batch, index)
+        x, y = as_tensors(x), as_tensors(y)
         n = batch_size(x, index)
         if limit is not None and self.seen + n > limit:
             n = limit - self.seen
@@ -108,7 +109,7 @@ class Estimation:
             return 0
         x, y = to_device(x, self.device), to_device(y, self.device)
         if recorder is None:
-            self._batched_step(x, y)
+            self._batched_step(x, y, n)
         else:
             self._rules_step(x, y, n, recorder)
         self.seen += n
@@ -132,13 +133,20 @@ class Estimation:
         return result
 
     # ------------------------------------------------------------------ steps
-    def forward(self, x: Any) -> torch.Tensor:
-        """The model's outputs for ``x``, checked to be a tensor."""
-        return check_outputs(call_model(self.model, x))
+    def forward(self, x: Any, y: Any, n: int) -> tuple[torch.Tensor, Any]:
+        """The model's outputs for ``x`` as the roots read them, with the targets (see
+        ``FisherOptions.prepare``)."""
+        out, y = self.options.prepare(call_model(self.model, x), y)
+        if self.options.loglik_fn is not None and tuple(out.shape) != (n,):
+            raise ValueError(
+                f"likelihood: a callable likelihood must return the per-sample log-likelihood of shape [{n}], "
+                f"got {list(out.shape)}"
+            )
+        return out, y
 
-    def _batched_step(self, x: Any, y: Any) -> None:
+    def _batched_step(self, x: Any, y: Any, n: int) -> None:
         """The seed's estimator: every parameter's whole batch gradient, squared."""
-        out = self.forward(x)
+        out, y = self.forward(x, y, n)
         self.sums.add_batch(out, self.options.roots(out, y), whole_slots=list(range(len(self.coverage.params))))
 
     def _rules_step(self, x: Any, y: Any, n: int, recorder: Recorder) -> None:
@@ -146,22 +154,22 @@ class Estimation:
         if not self.checked:
             self._check_rules(x, y, n, recorder)
             self.checked = True
-        out = self._recorded_forward(x, recorder)
+        out, yp = self._recorded_forward(x, y, n, recorder)
         self._drop_uninterpretable(recorder, n)
         mc = self.options.draw_mc(out) if self.options.kind == "mc" else None
-        self.sums.add_batch(out, self.options.roots(out, y, mc_draws=mc), calls=recorder.layer_calls())
+        self.sums.add_batch(out, self.options.roots(out, yp, mc_draws=mc), calls=recorder.layer_calls())
         if self.coverage.fallback:
             self.fallback.step(x, y, n, mc)
 
-    def _recorded_forward(self, x: Any, recorder: Recorder) -> torch.Tensor:
+    def _recorded_forward(self, x: Any, y: Any, n: int, recorder: Recorder) -> tuple[torch.Tensor, Any]:
         """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""
         while True:
             with recorder.recording():
-                out = self.forward(x)
+                out, yp = self.forward(x, y, n)
             if recorder.modified_outputs() and not recorder.clone_outputs:
                 recorder.clone_outputs = True  # an in-place op touched a recorded output: record copies
                 continue
-            return out
+            return out, yp
 
     def _drop_uninterpretable(self, recorder: Recorder, n: int) -> None:
         """Calls the rules cannot interpret (non-tensor input, batch not in dim 0) go to the fallback."""
@@ -177,15 +185,21 @@ class Estimation:
         sliceable = all(isinstance(v, (torch.Tensor, tuple, list, dict)) for v in (x, y))
         if k < n and sliceable:
             x, y, n = take(x, slice(0, k)), take(y, slice(0, k)), k
-        out = self._recorded_forward(x, recorder)
+        out, yp = self._recorded_forward(x, y, n, recorder)
         if not recorder.calls:
             return
         self._drop_uninterpretable(recorder, n)
         self.coverage.to_fallback(_not_per_sample(out, recorder, n))
-        # Any root serves the comparison; `exact` needs no random draws (mc's generator stays untouched).
-        kind = "exact" if self.options.kind == "mc" else self.options.kind
+        # Any per-sample root with a non-zero gradient serves the comparison; for `mc` the random
+        # draws are left alone (the generator stays untouched): gaussian uses `exact`'s first root,
+        # categorical label 0 at every position (no class-by-class roots are built).
+        kind, fixed = self.options.kind, None
+        if kind == "mc" and self.options.likelihood == "gaussian":
+            kind = "exact"
+        elif kind == "mc":
+            fixed = torch.zeros(*self.options.draw_shape(out), dtype=torch.long, device=out.device)
         slots = sorted({s for c in recorder.calls for s in c.site.slots()})
-        roots = self.options.roots(out, y, kind=kind)
+        roots = self.options.roots(out, yp, mc_draws=fixed, kind=kind)
         mismatch = self.sums.rule_mismatch(out, roots, recorder.layer_calls(), slots)
         self.coverage.to_fallback(s for s, err in mismatch if err > _MISMATCH_TOL)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _core
-from .batches import call_model, check_outputs, take, unsqueeze
+from .batches import call_model, take, unsqueeze
 from .fisher_options import FisherOptions
 from .recording import RuleCoverage
 
@@ -60,7 +60,7 @@ class Fallback:
         for i in range(n):
             sl = slice(i, i + 1)
             xi, yi = take(x, sl), take(y, sl)
-            out_i = check_outputs(call_model(self.model, xi))
+            out_i, yi = self.options.prepare(call_model(self.model, xi), yi)
             mc_i = None if mc is None else mc[sl]
             self.sums.add_batch(out_i, self.options.roots(out_i, yi, mc_draws=mc_i), whole_slots=slots)
 
@@ -78,8 +78,8 @@ class Fallback:
 
         def per_sample(th: dict, xn: Any, yn: Any, mcn: Optional[torch.Tensor]) -> torch.Tensor:
             xb = unsqueeze(xn)  # each sample as a batch of one inside the vmapped function
-            out = _functional_forward(functional_call, model, th, xb)
             yb = None if yn is None else unsqueeze(yn)
+            out, yb = options.prepare(_functional_forward(functional_call, model, th, xb), yb, check=False)
             return _terms(out, yb, mcn, options)
 
         in_dims = (None, 0, None if y is None else 0, None if mc is None else 0)
@@ -99,47 +99,64 @@ class Fallback:
 
 
 def _terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], options: FisherOptions) -> torch.Tensor:
-    """The roots of the native engine (``src/fisher/roots.rs``) for a batch of one sample, as a
-    vector."""
+    """The roots of the native engine (``src/fisher/roots/``) for a batch of one sample, as a vector
+    (``out`` and ``y`` as ``FisherOptions.prepare`` leaves them)."""
     kind = options.kind
     if options.loglik_fn is not None:
-        return options.loglik_fn(out, y).reshape(1)
-    if options.likelihood == "categorical":
-        logp = torch.log_softmax(out.float(), dim=-1).reshape(-1)
+        return out.reshape(1)  # `prepare` computed the log-likelihood
+    if options.likelihood == "gaussian":
+        f = out.float().reshape(-1)
         if kind == "empirical":
-            return logp.gather(0, y.reshape(1).long())  # gather, not indexing: vmap cannot .item()
+            return (-0.5 * (y.float().reshape(-1) - f).square().sum()).reshape(1)
         if kind == "exact":
-            return logp * logp.detach().exp().sqrt()
+            return f
         assert mc is not None
-        draws = mc.reshape(-1).long()
-        if draws.numel() > logp.numel():  # more draws than classes: group them by class (as in Rust)
-            counts = (draws.unsqueeze(1) == torch.arange(logp.numel(), device=draws.device)).sum(0)
-            return logp * (counts.float() / draws.numel()).sqrt()
-        return logp.gather(0, draws) / draws.numel() ** 0.5
-    f = out.float().reshape(-1)
+        eps = mc.float().reshape(-1, f.numel())
+        return (eps @ f) / eps.shape[0] ** 0.5
+    if out.dim() == 3:
+        return _position_terms(out, y, mc, options)
+    logp = torch.log_softmax(out.float(), dim=-1).reshape(-1)
     if kind == "empirical":
-        return (-0.5 * (y.float().reshape(-1) - f).square().sum()).reshape(1)
+        return logp.gather(0, y.reshape(1).long())  # gather, not indexing: vmap cannot .item()
     if kind == "exact":
-        return f
+        return logp * logp.detach().exp().sqrt()
     assert mc is not None
-    eps = mc.float().reshape(-1, f.numel())
-    return (eps @ f) / eps.shape[0] ** 0.5
+    draws = mc.reshape(-1).long()
+    if draws.numel() > logp.numel():  # more draws than classes: group them by class (as in Rust)
+        counts = (draws.unsqueeze(1) == torch.arange(logp.numel(), device=draws.device)).sum(0)
+        return logp * (counts.float() / draws.numel()).sqrt()
+    return logp.gather(0, draws) / draws.numel() ** 0.5
+
+
+def _position_terms(out: torch.Tensor, y: Any, mc: Optional[torch.Tensor], options: FisherOptions) -> torch.Tensor:
+    """``_terms`` for logits ``[1, P, C]`` (``src/fisher/roots/sequence.rs``): positions whose target
+    is ``ignore_index`` left out."""
+    logp = torch.log_softmax(out.float(), dim=-1)[0]  # [P, C]
+    mask = torch.ones(logp.shape[0], device=logp.device) if y is None else (y[0] != options.ignore_index).float()
+    if options.kind == "empirical":
+        labels = y[0].long().clamp_min(0).unsqueeze(1)
+        return (logp.gather(1, labels).squeeze(1) * mask).sum().reshape(1)
+    if options.kind == "exact":
+        return (logp * logp.detach().exp().sqrt() * mask.unsqueeze(1)).reshape(-1)
+    assert mc is not None
+    draws = mc.reshape(logp.shape[0], -1).long()  # [P, S]
+    return (logp.gather(1, draws) * mask.unsqueeze(1)).sum(0) / draws.shape[1] ** 0.5
 
 
 def _roots_per_sample(options: FisherOptions, mc: Optional[torch.Tensor]) -> int:
     """Rough number of terms per sample (for chunking the vmapped Jacobians)."""
     if options.kind == "mc" and mc is not None:
-        return int(mc.shape[1])
+        return int(mc.shape[-1])
     if options.kind == "exact":
         return 1000 if options.likelihood == "categorical" else 100
     return 1
 
 
-def _functional_forward(functional_call: Callable[..., Any], model: nn.Module, th: dict, x: Any) -> torch.Tensor:
+def _functional_forward(functional_call: Callable[..., Any], model: nn.Module, th: dict, x: Any) -> Any:
     if isinstance(x, dict):
         out = functional_call(model, th, (), x, strict=False)
     elif isinstance(x, (tuple, list)):
         out = functional_call(model, th, tuple(x), strict=False)
     else:
         out = functional_call(model, th, (x,), strict=False)
-    return check_outputs(out)
+    return out

@@ -21,6 +21,7 @@ from torch import nn
 from .batches import LikelihoodFn
 from .estimation import Estimation
 from .fisher_options import KINDS, parse_options
+from .outputs import OutputsFn
 
 __all__ = ["KINDS", "fisher_diag"]
 
@@ -35,6 +36,9 @@ def fisher_diag(
     num_samples: Optional[int] = None,
     progress: bool = False,
     generator: Optional[torch.Generator] = None,
+    class_dim: int = -1,
+    ignore_index: int = -100,
+    outputs: Optional[OutputsFn] = None,
 ) -> dict[str, torch.Tensor]:
     """Estimates the diagonal Fisher information of ``model`` on the data in ``loader``.
 
@@ -42,7 +46,8 @@ def fisher_diag(
     y_n chosen by ``kind``:
 
     - ``"exact"``: the expectation over the model's predictive distribution,
-      F = (1/N) Σ_n Σ_c p(c|x_n) (∇ log p(c|x_n))² (one backward pass per class).
+      F = (1/N) Σ_n Σ_c p(c|x_n) (∇ log p(c|x_n))² (one backward pass per class; with several
+      positions per sample, per (position, class) pair, refused beyond 1024 pairs).
     - ``"mc"``: y_n sampled from p(·|x_n), averaged over ``mc_samples`` draws.
     - ``"empirical"``: y_n = the data's label.
     - ``"batched"``: the seed article's estimator: the square of each batch-mean gradient,
@@ -51,6 +56,12 @@ def fisher_diag(
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off) and every
     submodule's mode is restored afterwards; ``.grad`` of the parameters is not touched.
+    With several positions per sample (sequences, segmentation maps), a sample's log-likelihood
+    is the sum over its positions whose target is not ``ignore_index``; the Fisher stays per
+    sample, F = (1/N) Σ_n (∇ Σ_t log p(y_nt | x_n))², and the positions' labels are independent
+    given the input (teacher forcing), so ``exact`` is Σ_t Σ_c p(c|t) (∇ log p(c|t))² and ``mc``
+    draws each position's label from p(·|x, t).
+
     Parameters of layers with a rule (Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm, GroupNorm,
     Embedding, and the projections of ``nn.MultiheadAttention`` self-attention) are computed in
     one backward pass per root; any other parameter (custom modules, RNNs, cross-attention,
@@ -59,15 +70,25 @@ def fisher_diag(
     Args:
         model: any module whose log-likelihood is a sum of per-sample terms.
         loader: iterable of ``(inputs, targets)``; inputs a tensor (``model(x)``), a tuple/list
-            (``model(*x)``) or a dict (``model(**x)``). Moved to the model's device.
+            (``model(*x)``) or a dict (``model(**x)``); numpy arrays are taken as tensors
+            (zero-copy when writable). Moved to the model's device.
         kind: ``"exact"``, ``"mc"``, ``"empirical"`` or ``"batched"``.
-        likelihood: ``"categorical"`` (outputs are logits ``[N, C]``, targets class indices),
-            ``"gaussian"`` (outputs ``[N, D]``, unit variance) or a callable
-            ``(outputs, targets) -> [N]`` per-sample log-likelihood (``empirical``/``batched`` only).
+        likelihood: ``"categorical"`` (logits ``[N, C]`` with class indices ``[N]``, or per
+            position: ``[N, ..., C]`` with targets ``[N, ...]``, see ``class_dim``),
+            ``"causal_lm"`` (logits ``[N, T, V]`` and labels ``[N, T]`` as a causal language model
+            takes them: shifted by one inside, like its loss), ``"gaussian"`` (outputs ``[N, D]``,
+            unit variance) or a callable ``(model_output, targets) -> [N]`` per-sample
+            log-likelihood that receives the model's output as it is (``empirical``/``batched``).
         mc_samples: draws per sample for ``kind="mc"``.
         num_samples: use at most this many samples (the last batch is cut).
         progress: show a tqdm bar with samples/s.
         generator: random generator for ``kind="mc"`` (reproducible draws).
+        class_dim: the class dimension of categorical logits: -1 (the last, as Hugging Face) or 1
+            (``[N, C, d1, ...]``, as ``torch.nn.functional.cross_entropy``).
+        ignore_index: positions whose target equals it do not count (default -100).
+        outputs: a callable that picks the logits from what the model returns; by default a
+            tensor is taken as it is, a tuple or list gives its first element, a dict or Hugging
+            Face ``ModelOutput`` its ``"logits"``.
 
     Returns:
         ``{name: F}`` for every parameter that requires grad (names of
@@ -75,9 +96,19 @@ def fisher_diag(
 
     Raises:
         ValueError: unknown kind or likelihood, empty loader, malformed batch, outputs or targets
-            that do not fit the likelihood, labels out of range, non-finite results.
+            that do not fit the likelihood, labels out of range, a sample whose positions are all
+            ignored, ``exact`` beyond 1024 (position, class) pairs, non-finite results.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    options = parse_options(kind, likelihood, mc_samples, num_samples, generator)
+    options = parse_options(
+        kind,
+        likelihood,
+        mc_samples=mc_samples,
+        num_samples=num_samples,
+        generator=generator,
+        class_dim=class_dim,
+        ignore_index=ignore_index,
+        outputs=outputs,
+    )
     return Estimation(model, options).run(loader, progress=progress)

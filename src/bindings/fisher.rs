@@ -148,6 +148,8 @@ impl LayerCall {
 ///         (gaussian).
 ///     loglik: for 'custom', the per-sample log-likelihood [N], connected to the graph
 ///         ('empirical' and 'batched' only).
+///     ignore_index: with per-position logits [N, P, C], the target value of positions that do
+///         not count (default -100).
 #[pyclass(module = "ewc_rs._core", frozen)]
 pub struct RootSpec {
     spec: Mutex<roots::RootSpec>,
@@ -156,21 +158,23 @@ pub struct RootSpec {
 #[pymethods]
 impl RootSpec {
     #[new]
-    #[pyo3(signature = (*, kind, likelihood, targets=None, mc_draws=None, loglik=None))]
+    #[pyo3(signature = (*, kind, likelihood, targets=None, mc_draws=None, loglik=None, ignore_index=-100))]
     fn new(
         kind: &str,
         likelihood: &str,
         targets: Option<PyTensor>,
         mc_draws: Option<PyTensor>,
         loglik: Option<PyTensor>,
+        ignore_index: i64,
     ) -> PyResult<Self> {
-        let spec = roots::RootSpec::new(
+        let mut spec = roots::RootSpec::new(
             FisherKind::parse(kind)?,
             Likelihood::parse(likelihood)?,
             targets.map(|t| t.0),
             mc_draws.map(|t| t.0),
             loglik.map(|t| t.0),
         )?;
+        spec.ignore_index = ignore_index;
         Ok(Self {
             spec: Mutex::new(spec),
         })

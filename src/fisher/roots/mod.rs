@@ -10,8 +10,15 @@
 //! - `batched`: the seed article's estimator, the batch-mean negative log-likelihood; the caller
 //!   squares its full gradient (biased: ≈ 1/batch_size of the Fisher, opposite signs cancel).
 
+mod sequence;
+
 use crate::error::{value_err, Context, Result};
 use tch::{Kind, Tensor};
+
+pub use sequence::EXACT_MAX_PAIRS;
+
+/// The default `ignore_index`, as in `torch.nn.functional.cross_entropy` and Hugging Face.
+pub const IGNORE_INDEX: i64 = -100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FisherKind {
@@ -39,7 +46,7 @@ impl FisherKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Likelihood {
-    /// Outputs are logits `[N, C]`, targets class indices `[N]`.
+    /// Outputs are logits `[N, C]` with targets `[N]`, or `[N, P, C]` with targets `[N, P]`.
     Categorical,
     /// Outputs `[N, D]`, targets `[N, D]`, unit variance.
     Gaussian,
@@ -75,6 +82,8 @@ pub struct RootSpec {
     pub mc_draws: Option<Tensor>,
     /// For `Likelihood::Custom`: the per-sample log-likelihood `[N]`, connected to the graph.
     pub loglik: Option<Tensor>,
+    /// Target value of positions that do not count (per-position logits `[N, P, C]` only).
+    pub ignore_index: i64,
 }
 
 impl RootSpec {
@@ -91,6 +100,7 @@ impl RootSpec {
             targets,
             mc_draws,
             loglik,
+            ignore_index: IGNORE_INDEX,
         };
         match (likelihood, kind) {
             (Likelihood::Custom, FisherKind::Exact | FisherKind::Mc) => {
@@ -118,6 +128,7 @@ impl RootSpec {
             targets: share(&self.targets),
             mc_draws: share(&self.mc_draws),
             loglik: share(&self.loglik),
+            ignore_index: self.ignore_index,
         }
     }
 
@@ -141,11 +152,16 @@ fn need<'a>(t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor> {
 }
 
 fn categorical(inp: &RootSpec, out: &Tensor) -> Result<Vec<Tensor>> {
-    if out.dim() != 2 {
-        return value_err(format!(
-            "model outputs: likelihood 'categorical' expects logits of shape [N, C], got {:?}",
-            out.size()
-        ));
+    match out.dim() {
+        2 => {}
+        3 => return sequence::roots(inp, out),
+        _ => {
+            return value_err(format!(
+                "model outputs: likelihood 'categorical' expects logits of shape [N, C], or \
+                 [N, P, C] with a class per position, got {:?}",
+                out.size()
+            ))
+        }
     }
     let (n, c) = (out.size()[0], out.size()[1]);
     let logp = out
