@@ -1,0 +1,170 @@
+"""Fisher and penalty of a GPT-2-small-shaped language model (124M parameters, from its config:
+random weights, nothing downloaded), on this machine's CPU.
+
+Side by side in one process, interleaved rounds, on the same 32 sequences of 128 tokens:
+- ``fwd_bwd``: plain forward + backward of the causal-LM loss over the batches (the baseline);
+- ``ewc_rs:empirical``: ``fisher_diag(model, batches, kind="empirical", likelihood="causal_lm")``,
+  checked first against the per-sample definition on 4 sequences of 16 tokens (float32 vs a
+  per-sample loop in float64 would not fit the time here).
+Each is timed (median over rounds) and its peak resident memory measured above the memory held
+before the call (sampled every 5 ms by a thread). Then the penalty step for the same model
+against the one-pass floor, as in ``bench_penalty.py``.
+
+Targets (the sequence-model issue): Fisher ≤ 3× fwd_bwd in time and ≤ 2.5× in peak memory;
+penalty ≤ 1.5× the floor.
+
+Usage: ``python benchmarks/bench_llm.py [--rounds 3] [--tiny]`` (``--tiny``: a 2-layer model on
+short sequences, for the smoke test). Writes ``benchmarks/results/llm_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ewc_rs  # noqa: E402
+from bench_penalty import run_penalty  # noqa: E402
+from common import write_results  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Peak resident memory above the starting level while the block runs (sampled)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def above_start(self) -> int:
+        return self.peak - self.start
+
+
+def gpt2(tiny: bool) -> torch.nn.Module:
+    import transformers
+
+    kw: dict[str, Any] = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=500, n_positions=32) if tiny else {}
+    config = transformers.GPT2Config(**kw)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def batches(vocab: int, sequences: int, tokens: int, batch: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (sequences, tokens), generator=g)
+    return [({"input_ids": ids[i : i + batch]}, ids[i : i + batch]) for i in range(0, sequences, batch)]
+
+
+def check_against_loop(model: torch.nn.Module, vocab: int) -> float:
+    """Relative error of the empirical Fisher against a per-sample loop (float32, 4 × 16 tokens)."""
+    data = batches(vocab, 4, 16, 2)
+    got = ewc_rs.fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for x, y in data:
+        for i in range(y.shape[0]):
+            ids = x["input_ids"][i : i + 1]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            ll = torch.log_softmax(logits, -1).gather(2, ids[:, 1:].unsqueeze(2)).sum()
+            grads = torch.autograd.grad(ll, list(params.values()))
+            for (n, _), g in zip(params.items(), grads):
+                want[n] += g.square()
+            count += 1
+    num = sum(float((got[n] - want[n] / count).square().sum()) for n in params)
+    den = sum(float((want[n] / count).square().sum()) for n in params)
+    return (num / den) ** 0.5
+
+
+def run_llm(tiny: bool, rounds: int) -> dict[str, Any]:
+    model = gpt2(tiny)
+    vocab = model.config.vocab_size
+    sequences, tokens, batch = (8, 32, 4) if tiny else (32, 128, 8)
+    data = batches(vocab, sequences, tokens, batch)
+    err = check_against_loop(model, vocab)
+    print(f"relative error of ewc_rs:empirical against the per-sample loop: {err:.1e}")
+
+    def fwd_bwd() -> None:
+        for x, y in data:
+            model(**x, labels=y).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def fisher() -> None:
+        ewc_rs.fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
+
+    methods: dict[str, Callable[[], None]] = {"fwd_bwd": fwd_bwd, "ewc_rs:empirical": fisher}
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    peaks: dict[str, list[int]] = {k: [] for k in methods}
+    for r in range(rounds + 1):  # round 0 warms up (allocator, thread pools)
+        for name, fn in methods.items():
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            if r > 0:
+                times[name].append(dt)
+                peaks[name].append(mem.above_start)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    m = {k: statistics.median(v) for k, v in peaks.items()}
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\nGPT-2 {'tiny' if tiny else 'small'} ({params / 1e6:.1f}M parameters), {sequences} sequences × {tokens} tokens")
+    print(f"{'method':<20}{'median s':>10}{'peak MiB':>10}")
+    for k in methods:
+        print(f"{k:<20}{t[k]:>10.2f}{m[k] / 2**20:>10.0f}")
+    time_ratio = t["ewc_rs:empirical"] / t["fwd_bwd"]
+    mem_ratio = m["ewc_rs:empirical"] / max(m["fwd_bwd"], 1)
+    print(f"Fisher / fwd_bwd: time {time_ratio:.2f}x (target <= 3), peak memory {mem_ratio:.2f}x (target <= 2.5)")
+    return {
+        "parameters": params,
+        "sequences": sequences,
+        "tokens": tokens,
+        "relative_error": err,
+        "median_s": t,
+        "peak_bytes": m,
+        "time_ratio": time_ratio,
+        "memory_ratio": mem_ratio,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model on short sequences (smoke run)")
+    args = ap.parse_args()
+    fisher = run_llm(args.tiny, args.rounds)
+    print()
+    penalty = run_penalty("gpt2_tiny" if args.tiny else "gpt2_small", "cpu", 5 if args.tiny else 20)
+    write_results("llm_cpu.json", {"fisher": fisher, "penalty": penalty})
+
+
+if __name__ == "__main__":
+    main()
