@@ -7,7 +7,7 @@
 //! are squared: that is what makes shared parameters exact.
 
 use super::chunks::{add_to, chunks, SlotTotals};
-use super::rules::{squared_outer_products, Rule, Want};
+use super::rules::{Rule, Want};
 use crate::error::{value_err, Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -154,7 +154,8 @@ impl FisherSums {
         if inputs.is_empty() {
             return Ok(()); // every parameter of this batch goes through another path
         }
-        // Outer-product calls: the squared output gradients of every root, summed, then one GEMM.
+        // Outer-product calls: the squared output gradients of every root, summed, then the
+        // rule's one GEMM (in its own weight layout).
         let mut g2_sums: Vec<Option<Tensor>> = batch.calls.iter().map(|_| None).collect();
         for (r, root) in batch.roots.iter().enumerate() {
             let keep_graph = r + 1 < batch.roots.len();
@@ -184,7 +185,8 @@ impl FisherSums {
         }
         for (c, g2) in batch.calls.iter().zip(g2_sums) {
             if let Some(g2) = g2 {
-                self.add_slots(c, squared_outer_products(&c.input, &g2, c.want())?)?;
+                let sq = c.rule.outer_product_sum_sq(&c.input, &g2, c.want())?;
+                self.add_slots(c, sq)?;
             }
         }
         Ok(())

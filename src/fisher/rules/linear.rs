@@ -13,21 +13,6 @@ pub fn from_module(_m: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Rule>>> {
     Ok(Some(Arc::new(Linear)))
 }
 
-/// The one-GEMM form for 2-d inputs: the per-sample weight gradient is the outer product
-/// g_n a_nᵀ, so Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²) and nothing per sample is materialised. `g2` is the
-/// squared output gradient `[N, out]`, possibly already summed over several roots (the squares
-/// of each root's outer products add up the same way).
-pub fn squared_outer_products(a: &Tensor, g2: &Tensor, want: Want) -> Result<Slots> {
-    let w = if want.weight {
-        let a2 = a.to_kind(Kind::Float).square();
-        Some(g2.f_tr().and_then(|t| t.f_matmul(&a2)).ctx("linear rule")?)
-    } else {
-        None
-    };
-    let b = want.bias.then(|| g2.sum_dim_intlist(0, false, Kind::Float));
-    Ok([w, b])
-}
-
 impl Rule for Linear {
     /// `[N, ..., in]`: the per-sample gradient of W is Σ_t g_nt a_ntᵀ (a batched matmul).
     fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
@@ -57,15 +42,21 @@ impl Rule for Linear {
         fin * fout + (a.numel() as i64 + g.numel() as i64) / n
     }
 
-    fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, budget: i64) -> Result<Slots> {
-        if self.is_outer_product(a) {
-            return squared_outer_products(a, &g.to_kind(Kind::Float).square(), want);
-        }
-        super::chunked_sum_sq(self, a, g, want, budget)
-    }
-
     fn is_outer_product(&self, a: &Tensor) -> bool {
         a.dim() == 2
+    }
+
+    /// The one-GEMM form for 2-d inputs: the per-sample weight gradient is the outer product
+    /// g_n a_nᵀ, so Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²), `[out, in]`.
+    fn outer_product_sum_sq(&self, a: &Tensor, g2: &Tensor, want: Want) -> Result<Slots> {
+        let w = if want.weight {
+            let a2 = a.to_kind(Kind::Float).square();
+            Some(g2.f_tr().and_then(|t| t.f_matmul(&a2)).ctx("linear rule")?)
+        } else {
+            None
+        };
+        let b = want.bias.then(|| g2.sum_dim_intlist(0, false, Kind::Float));
+        Ok([w, b])
     }
 }
 

@@ -9,12 +9,13 @@
 
 mod conv;
 mod embedding;
+mod hf_conv1d;
 mod linear;
 mod norm;
 #[cfg(test)]
 mod test_support;
 
-use crate::error::Result;
+use crate::error::{value_err, Result};
 use crate::fisher::chunks::{add_to, chunks};
 use pyo3::prelude::*;
 use std::fmt;
@@ -23,7 +24,8 @@ use tch::{Kind, Tensor};
 
 pub use conv::Conv;
 pub use embedding::Embedding;
-pub use linear::{squared_outer_products, Linear};
+pub use hf_conv1d::HfConv1d;
+pub use linear::Linear;
 pub use norm::{BatchNorm, GroupNorm, LayerNorm};
 
 /// Which of a layer's two parameters (weight, bias) a rule is asked for.
@@ -58,16 +60,29 @@ pub trait Rule: Send + Sync + fmt::Debug {
         4 * (a.numel() as i64 + g.numel() as i64) / n
     }
 
-    /// Σ_n (per-sample gradient)² of the requested parameters (default: `chunked_sum_sq`).
+    /// Σ_n (per-sample gradient)² of the requested parameters (default: the one GEMM of
+    /// `outer_product_sum_sq` when `is_outer_product(a)`, else `chunked_sum_sq`).
     fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, budget: i64) -> Result<Slots> {
+        if self.is_outer_product(a) {
+            return self.outer_product_sum_sq(a, &g.to_kind(Kind::Float).square(), want);
+        }
         chunked_sum_sq(self, a, g, want, budget)
     }
 
-    /// Whether each sample's weight gradient is one outer product g_n a_nᵀ for this input (a
-    /// 2-d Linear call): then the squares of several roots can be summed before the one GEMM
-    /// of `squared_outer_products`.
+    /// Whether each sample's weight gradient is one outer product of its input row and its
+    /// output-gradient row for this input (a 2-d call of a Linear-like layer): then the squares
+    /// of several roots' output gradients can be summed before the one GEMM of
+    /// `outer_product_sum_sq`. A rule that answers true implements that method.
     fn is_outer_product(&self, _a: &Tensor) -> bool {
         false
+    }
+
+    /// Σ_n (per-sample gradient)² of an outer-product call (see `is_outer_product`), in the
+    /// layer's own weight layout, from its input `a` `[N, in]` and the squared output gradient
+    /// `g2` `[N, out]` — possibly already summed over several roots, since the squares of each
+    /// root's outer products add up the same way. Nothing per sample is materialised.
+    fn outer_product_sum_sq(&self, _a: &Tensor, _g2: &Tensor, _want: Want) -> Result<Slots> {
+        value_err(format!("{self:?}: this rule has no outer-product form"))
     }
 
     /// How many samples fit in `budget` bytes of per-sample intermediates.
@@ -125,6 +140,7 @@ pub const REGISTRY: &[(&str, FromModule)] = &[
         norm::group_norm_from_module,
     ),
     ("torch.nn.modules.sparse.Embedding", embedding::from_module),
+    ("transformers.pytorch_utils.Conv1D", hf_conv1d::from_module),
 ];
 
 /// The registry's reader for this module's exact type, if any.

@@ -1,0 +1,166 @@
+//! Hugging Face transformers' `Conv1D` (`transformers.pytorch_utils.Conv1D`, GPT-2's linear
+//! layer): y = a W + b with W `[in, out]` — the transpose of `nn.Linear`'s layout — and any
+//! number of dims between the sample dim and the features. It always has a bias.
+
+use super::{sum_middle, Rule, Slots, Want};
+use crate::error::{Context, Result};
+use pyo3::prelude::*;
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+#[derive(Debug)]
+pub struct HfConv1d;
+
+/// Every `Conv1D` is covered: its forward is `addmm(bias, a, weight)` with no settings.
+pub fn from_module(_m: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Rule>>> {
+    Ok(Some(Arc::new(HfConv1d)))
+}
+
+impl Rule for HfConv1d {
+    /// `[N, ..., in]`: the per-sample gradient of W is Σ_t a_nt g_ntᵀ `[in, out]` (a batched
+    /// matmul), that of b is Σ_t g_nt.
+    fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
+        let n = a.size()[0];
+        let fin = *a.size().last().unwrap_or(&1);
+        let fout = *g.size().last().unwrap_or(&1);
+        let g = g.to_kind(Kind::Float);
+        let w = if want.weight {
+            let a3 = a.to_kind(Kind::Float).reshape([n, -1, fin]);
+            let g3 = g.reshape([n, -1, fout]);
+            Some(
+                a3.f_transpose(1, 2)
+                    .and_then(|t| t.f_bmm(&g3))
+                    .ctx("Conv1D rule")?,
+            )
+        } else {
+            None
+        };
+        let b = want.bias.then(|| sum_middle(&g, 1));
+        Ok([w, b])
+    }
+
+    fn per_sample_elems(&self, a: &Tensor, g: &Tensor) -> i64 {
+        let n = a.size()[0].max(1);
+        let fin = a.size().last().copied().unwrap_or(1);
+        let fout = g.size().last().copied().unwrap_or(1);
+        fin * fout + (a.numel() as i64 + g.numel() as i64) / n
+    }
+
+    fn is_outer_product(&self, a: &Tensor) -> bool {
+        a.dim() == 2
+    }
+
+    /// The one-GEMM form for 2-d inputs: the per-sample weight gradient is the outer product
+    /// a_n g_nᵀ, so Σ_n (a_n g_nᵀ)² = (a²)ᵀ(g²), `[in, out]`.
+    fn outer_product_sum_sq(&self, a: &Tensor, g2: &Tensor, want: Want) -> Result<Slots> {
+        let w = if want.weight {
+            let a2 = a.to_kind(Kind::Float).square();
+            Some(a2.f_tr().and_then(|t| t.f_matmul(g2)).ctx("Conv1D rule")?)
+        } else {
+            None
+        };
+        let b = want.bias.then(|| g2.sum_dim_intlist(0, false, Kind::Float));
+        Ok([w, b])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{autograd_per_sample, rel, OPTS};
+    use super::*;
+    use crate::fisher::driver::{Batch, FisherSums, LayerCall};
+
+    /// Conv1D's forward, as transformers writes it: addmm on the flattened leading dims.
+    fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let fin = *x.size().last().unwrap();
+        let mut out_shape = x.size();
+        *out_shape.last_mut().unwrap() = w.size()[1];
+        b.addmm(&x.reshape([-1, fin]), w)
+            .reshape(out_shape.as_slice())
+    }
+
+    #[test]
+    fn per_sample_matches_autograd_with_extra_dims() {
+        tch::manual_seed(11);
+        let a = Tensor::randn([5, 3, 4], OPTS);
+        let g = Tensor::randn([5, 3, 6], OPTS);
+        let w = Tensor::randn([4, 6], OPTS);
+        let b = Tensor::randn([6], OPTS);
+        let want_w = autograd_per_sample(&a, &g, &w, |x, w| conv1d(x, w, &b));
+        let want_b = autograd_per_sample(&a, &g, &b, |x, b| conv1d(x, &w, b));
+        let got = HfConv1d.per_sample(&a, &g, Want::BOTH).unwrap();
+        assert_eq!(got[0].as_ref().unwrap().size(), vec![5, 4, 6]);
+        assert!(rel(got[0].as_ref().unwrap(), &want_w) < 1e-5);
+        assert!(rel(got[1].as_ref().unwrap(), &want_b) < 1e-5);
+    }
+
+    #[test]
+    fn fast_path_equals_per_sample_path() {
+        tch::manual_seed(12);
+        let a2 = Tensor::randn([7, 4], OPTS);
+        let g2 = Tensor::randn([7, 6], OPTS);
+        assert!(HfConv1d.is_outer_product(&a2));
+        let fast = HfConv1d.sum_sq(&a2, &g2, Want::BOTH, 1 << 20).unwrap();
+        let ps = HfConv1d.per_sample(&a2, &g2, Want::BOTH).unwrap();
+        for (f, p) in fast.iter().zip(ps.iter()) {
+            let slow = p
+                .as_ref()
+                .unwrap()
+                .square()
+                .sum_dim_intlist(0, false, Kind::Float);
+            assert_eq!(f.as_ref().unwrap().size(), slow.size());
+            assert!(rel(f.as_ref().unwrap(), &slow) < 1e-5);
+        }
+    }
+
+    /// Through the driver, with several roots (their squared output gradients summed before the
+    /// rule's GEMM) and a square weight, where a transposed result would keep its shape and only
+    /// the numbers would tell: equals Σ_roots Σ_n (autograd's per-sample gradient)².
+    #[test]
+    fn driver_fast_path_keeps_the_in_out_layout() {
+        tch::manual_seed(13);
+        let (n, d) = (6, 5);
+        let w = Tensor::randn([d, d], OPTS).set_requires_grad(true);
+        let b = Tensor::randn([d], OPTS).set_requires_grad(true);
+        let a = Tensor::randn([n, d], OPTS);
+        let out = conv1d(&a, &w, &b);
+        let logp = out.log_softmax(1, Kind::Float);
+        let roots: Vec<Tensor> = (0..2).map(|c| logp.select(1, c).sum(Kind::Float)).collect();
+        let sums = FisherSums::new(
+            vec![w.detach(), b.detach()],
+            vec!["w".into(), "b".into()],
+            1 << 20,
+        )
+        .unwrap();
+        let calls = [LayerCall {
+            rule: Arc::new(HfConv1d),
+            input: a.shallow_clone(),
+            output: out.shallow_clone(),
+            slots: [Some(0), Some(1)],
+        }];
+        let batch = Batch {
+            roots: roots.iter().map(Tensor::shallow_clone).collect(),
+            calls: &calls,
+            whole: &[],
+        };
+        sums.add_batch(&batch).unwrap();
+        let mut want = [w.zeros_like(), b.zeros_like()];
+        for i in 0..n {
+            for c in 0..2 {
+                let wi = w.detach().set_requires_grad(true);
+                let bi = b.detach().set_requires_grad(true);
+                let li = conv1d(&a.narrow(0, i, 1), &wi, &bi)
+                    .log_softmax(1, Kind::Float)
+                    .select(1, c)
+                    .sum(Kind::Float);
+                let grads = Tensor::run_backward(&[li], &[&wi, &bi], false, false);
+                for (acc, g) in want.iter_mut().zip(grads) {
+                    *acc = &*acc + g.square();
+                }
+            }
+        }
+        for (got, want) in sums.totals.iter().zip(want.iter()) {
+            assert!(rel(got, want) < 1e-5, "{}", rel(got, want));
+        }
+    }
+}
