@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ewc_rs  # noqa: E402
-from bench_penalty import run_penalty  # noqa: E402
+from bench_penalty import print_header, run_penalty  # noqa: E402
 from common import write_results  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -136,7 +136,8 @@ def run_llm(tiny: bool, rounds: int) -> dict[str, Any]:
     t = {k: statistics.median(v) for k, v in times.items()}
     m = {k: statistics.median(v) for k, v in peaks.items()}
     params = sum(p.numel() for p in model.parameters())
-    print(f"\nGPT-2 {'tiny' if tiny else 'small'} ({params / 1e6:.1f}M parameters), {sequences} sequences × {tokens} tokens")
+    size = "tiny" if tiny else "small"
+    print(f"\nGPT-2 {size} ({params / 1e6:.1f}M parameters), {sequences} sequences × {tokens} tokens")
     print(f"{'method':<20}{'median s':>10}{'peak MiB':>10}")
     for k in methods:
         print(f"{k:<20}{t[k]:>10.2f}{m[k] / 2**20:>10.0f}")
@@ -162,6 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     fisher = run_llm(args.tiny, args.rounds)
     print()
+    print_header()
     penalty = run_penalty("gpt2_tiny" if args.tiny else "gpt2_small", "cpu", 5 if args.tiny else 20)
     write_results("llm_cpu.json", {"fisher": fisher, "penalty": penalty})
 

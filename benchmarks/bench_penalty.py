@@ -57,13 +57,29 @@ def resnet(depth: int) -> Callable[[], nn.Module]:
     return make
 
 
+def gpt2(tiny: bool) -> Callable[[], nn.Module]:
+    """GPT-2 small's shapes (124M parameters, tied embeddings) from its config, or a tiny one."""
+
+    def make() -> nn.Module:
+        import transformers
+
+        kw: dict[str, Any] = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=500, n_positions=32) if tiny else {}
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
+
+    return make
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "seed_mlp": seed_model,
     "transformer_d64x12": transformer(64),
     "transformer_d256x12": transformer(256),
     "resnet18": resnet(18),
     "resnet50": resnet(50),
+    # Run by benchmarks/bench_llm.py (needs transformers), not by default here.
+    "gpt2_small": gpt2(tiny=False),
+    "gpt2_tiny": gpt2(tiny=True),
 }
+DEFAULT_MODELS = ["seed_mlp", "transformer_d64x12", "transformer_d256x12", "resnet18", "resnet50"]
 
 
 class HandOver(torch.autograd.Function):
@@ -94,6 +110,32 @@ def random_state(model: nn.Module, lam: float) -> dict[str, Any]:
         "storage_dtype": "float32",
         "pairs": [{"fisher": fisher, "star": star}],
     }
+
+
+def print_header() -> None:
+    print(
+        f"{'model':<20}{'tensors':>8}{'params':>10}{'seed loop':>11}{'ewc_rs':>10}{'direct':>10}"
+        f"{'engine':>10}{'floor':>10}"
+        f"{'seed/ewc_rs':>12}{'seed/direct':>12}{'ewc_rs/floor':>13}{'direct/floor':>13}"
+    )
+
+
+def print_row(name: str, r: dict[str, Any]) -> None:
+    t = r["times_s"]
+    print(
+        f"{name:<20}{r['tensors']:>8}{r['parameters']:>10}{t['seed_loop'] * 1e3:>9.3f}ms"
+        f"{t['ewc_rs'] * 1e3:>8.3f}ms{t['ewc_rs_direct'] * 1e3:>8.3f}ms{t['engine'] * 1e3:>8.3f}ms"
+        f"{t['floor'] * 1e3:>8.3f}ms"
+        f"{t['seed_loop'] / t['ewc_rs']:>11.1f}x{t['seed_loop'] / t['ewc_rs_direct']:>11.1f}x"
+        f"{t['ewc_rs'] / t['floor']:>12.2f}x{t['ewc_rs_direct'] / t['floor']:>12.2f}x"
+    )
+
+
+def run_penalty(name: str, device: str, repeats: int) -> dict[str, Any]:
+    """Times every method on model ``name`` and prints its row; returns the figures."""
+    result = run_model(name, device, repeats)
+    print_row(name, result)
+    return result
 
 
 def run_model(name: str, device: str, repeats: int) -> dict[str, Any]:
@@ -184,25 +226,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, choices=list(MODELS))
     args = ap.parse_args()
     results = {}
-    print(
-        f"{'model':<20}{'tensors':>8}{'params':>10}{'seed loop':>11}{'ewc_rs':>10}{'direct':>10}"
-        f"{'engine':>10}{'floor':>10}"
-        f"{'seed/ewc_rs':>12}{'seed/direct':>12}{'ewc_rs/floor':>13}{'direct/floor':>13}"
-    )
+    print_header()
     for name in args.models:
-        r = run_model(name, args.device, args.repeats)
-        results[name] = r
-        t = r["times_s"]
-        print(
-            f"{name:<20}{r['tensors']:>8}{r['parameters']:>10}{t['seed_loop'] * 1e3:>9.3f}ms"
-            f"{t['ewc_rs'] * 1e3:>8.3f}ms{t['ewc_rs_direct'] * 1e3:>8.3f}ms{t['engine'] * 1e3:>8.3f}ms"
-            f"{t['floor'] * 1e3:>8.3f}ms"
-            f"{t['seed_loop'] / t['ewc_rs']:>11.1f}x{t['seed_loop'] / t['ewc_rs_direct']:>11.1f}x"
-            f"{t['ewc_rs'] / t['floor']:>12.2f}x{t['ewc_rs_direct'] / t['floor']:>12.2f}x"
-        )
+        results[name] = run_penalty(name, args.device, args.repeats)
     path = write_results(f"penalty_{args.device}.json", {"repeats": args.repeats, "results": results})
     print(f"\nwritten {path}")
 
