@@ -50,3 +50,18 @@ def test_bench_fisher_runs(tmp_path: Path) -> None:
         "ewc_rs:batched",
     ):
         assert times[method] is not None and times[method] > 0, method
+
+
+def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
+    """A 2-layer GPT-2 stand-in: the Fisher agrees with the per-sample loop before timing, both
+    ratios and the penalty row are written."""
+    import pytest
+
+    pytest.importorskip(
+        "transformers", reason="bench_llm.py builds GPT-2 with transformers (the test command installs it)"
+    )
+    res = run("bench_llm.py", ["--tiny", "--rounds", "1"], tmp_path)
+    fisher, penalty = res["fisher"], res["penalty"]
+    assert fisher["relative_error"] <= 1e-4, fisher
+    assert fisher["time_ratio"] > 0 and set(fisher["median_s"]) == {"fwd_bwd", "ewc_rs:empirical"}, fisher
+    assert penalty["value_rel_err"] <= 1e-5 and penalty["grad_max_rel_err"] <= 1e-5, penalty

@@ -200,9 +200,14 @@ def test_hugging_face_gpt2_causal_lm_matches_reference(seed: int) -> None:
     assert model.lm_head.weight is model.transformer.wte.weight, "tied embeddings expected"
     g = torch.Generator().manual_seed(seed)
     batches = _lm_data(g)
-    for kind in ("exact", "empirical"):
-        got = fisher_diag(model, batches, kind=kind, likelihood="causal_lm")
-        want = sequence_fisher(model, batches, kind=kind, layout="causal_lm")
+    for kind in ("exact", "empirical", "batched", "mc"):
+        options: dict[str, Any] = {}
+        mc_labels = None
+        if kind == "mc":
+            mc_labels = _same_draws(model, batches, "causal_lm", 2, seed)
+            options = {"mc_samples": 2, "generator": torch.Generator().manual_seed(seed)}
+        got = fisher_diag(model, batches, kind=kind, likelihood="causal_lm", **options)
+        want = sequence_fisher(model, batches, kind=kind, layout="causal_lm", mc_labels=mc_labels)
         err = relative_error(got, want)
         assert err <= TOL, f"seed={seed} gpt2 {kind}: relative error {err:.3e}"
 
