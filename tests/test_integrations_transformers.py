@@ -158,3 +158,82 @@ def test_penalty_counts_once_per_optimizer_step(path: str, seed: int, tmp_path: 
     assert len(logged) == 2 and all(abs(v - value) <= 1e-4 * value for v in logged), (
         f"seed={seed}: logged {logged}, expected {value} twice"
     )
+
+
+class Logits(nn.Module):
+    """The reference needs logits: ``inner(**x).logits`` (parameter names gain the prefix ``inner.``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **x: Tensor) -> Tensor:
+        return self.inner(**x).logits
+
+
+def test_consolidate_reads_the_trainers_train_dataloader(seed: int, tmp_path: Any) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_bert(seed % 100_000)
+    data = token_task("a", 10, g)
+    trainer = EWCTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=data, ewc=EWC(model, lam=1.0))
+    fisher = trainer.consolidate(kind="exact")
+    batch = collate(data)
+    labels = batch.pop("labels")
+    expected = reference_fisher(Logits(model), [(batch, labels)], kind="exact")
+    expected = {name.removeprefix("inner."): f for name, f in expected.items()}
+    err = relative_error({n: f.double() for n, f in fisher.items()}, expected)
+    assert err < 1e-4, f"seed={seed}: relative error {err:.2e} of the Fisher from the train dataloader"
+    assert trainer.ewc.num_tasks == 1
+    assert isinstance(model(**batch), transformers.modeling_outputs.SequenceClassifierOutput), "logits hook left behind"
+
+
+def test_evaluation_loss_has_no_penalty(seed: int, tmp_path: Any) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_bert(seed % 100_000)
+    ewc = EWC(model, lam=1e3)
+    with logits_output(model):
+        ewc.consolidate(LabelSplit([collate(token_task("a", 8, g))]))
+    perturb(model, g)
+    assert float(ewc.penalty(model).detach()) > 0, f"seed={seed}"
+    data = token_task("a", 8, g)
+    plain = transformers.Trainer(model=model, args=args(tmp_path)).evaluate(data)["eval_loss"]
+    with_ewc = EWCTrainer(model=model, args=args(tmp_path), ewc=ewc).evaluate(data)["eval_loss"]
+    assert with_ewc == pytest.approx(plain, rel=1e-6), f"seed={seed}"
+
+
+def test_label_split_and_arguments_are_checked(tmp_path: Any) -> None:
+    batch = {"input_ids": torch.zeros(2, SEQ, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}
+    ((inputs, labels),) = list(LabelSplit([batch]))
+    assert set(inputs) == {"input_ids"} and labels is batch["labels"]
+    with pytest.raises(TypeError, match="dataloader: batch 0 is a tuple"):
+        list(LabelSplit([(batch["input_ids"], batch["labels"])]))
+    with pytest.raises(ValueError, match="has no 'label'"):
+        list(LabelSplit([batch], ["label"]))
+    with pytest.raises(ValueError, match="label_names: expected one"):
+        LabelSplit([batch], ["start_positions", "end_positions"])
+    with pytest.raises(TypeError, match="ewc: expected an ewc_rs.EWC"):
+        EWCTrainer(model=tiny_bert(0), args=args(tmp_path), ewc=object())
+
+
+def test_ewc_keeps_task_a(seed: int, tmp_path: Any) -> None:
+    """Task A, consolidate, then task B (contradicting labels) with and without EWC from the same state."""
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_bert(seed % 100_000)
+    task_a, task_b, test_a = token_task("a", 128, g), token_task("b", 128, g), token_task("a", 256, g)
+    ewc = EWC(model, lam=1e5)  # A is learnt well (loss ≈ 0.01): the exact Fisher is small, λ large
+    trainer = EWCTrainer(model=model, args=args(tmp_path, num_train_epochs=8), train_dataset=task_a, ewc=ewc)
+    trainer.train()
+    trainer.consolidate(kind="exact")
+    after_a, weights, state = task_loss(model, test_a), snapshot(model), ewc.state_dict()
+
+    losses = {}
+    for name in ("ewc", "plain"):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n])
+        ewc.load_state_dict(state)
+        kw: dict[str, Any] = dict(model=model, args=args(tmp_path), train_dataset=task_b)
+        trainer = EWCTrainer(ewc=ewc, **kw) if name == "ewc" else transformers.Trainer(**kw)
+        trainer.train()
+        losses[name] = task_loss(model, test_a)
+    assert losses["ewc"] < losses["plain"] - 0.5, f"seed={seed}: task A loss after A {after_a:.3f}, after B {losses}"
