@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from .. import KINDS, options
 from ..ewc import EWC
 
 __all__ = ["EWCCallback"]
@@ -61,7 +62,7 @@ class EWCCallback(Callback):
         if not isinstance(ewc, EWC):
             raise TypeError(f"ewc: expected an ewc_rs.EWC, got {type(ewc).__name__}")
         self.ewc = ewc
-        self.kind = kind
+        self.kind = options.check_choice("kind", kind, KINDS)
         self.consolidate_on_train_end = consolidate_on_train_end
         self.loader = loader
         self.log_name = log_name
