@@ -28,10 +28,10 @@ from avalanche.benchmarks.utils import as_taskaware_classification_dataset  # no
 from avalanche.models import MultiTaskModule  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin  # noqa: E402
 from avalanche.training.supervised import Naive  # noqa: E402
-from ewc_helpers import naive_value_and_grads, perturb, snapshot  # noqa: E402
-from reference import reference_fisher, relative_error  # noqa: E402
 
+from ewc_helpers import naive_value_and_grads, perturb, snapshot  # noqa: E402
 from ewc_rs.integrations.avalanche import EWCPlugin, ExperienceBatches  # noqa: E402
+from reference import reference_fisher, relative_error  # noqa: E402
 
 DIM, CLASSES = 10, 3
 
@@ -77,7 +77,9 @@ class GradsAfterBackward(SupervisedPlugin):  # type: ignore[misc]
 def naive(model: nn.Module, plugins: list, *, lr: float, epochs: int = 1, batch: int = 32) -> Any:
     return Naive(
         model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=lr) if lr == 0 else torch.optim.Adam(model.parameters(), lr=lr),
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr)
+        if lr == 0
+        else torch.optim.Adam(model.parameters(), lr=lr),
         criterion=nn.CrossEntropyLoss(),
         train_mb_size=batch,
         train_epochs=epochs,
@@ -95,7 +97,10 @@ def experiences(*datasets: Tensors) -> list[Any]:
 def test_fisher_of_the_experience_and_penalty_gradient(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     net = mlp(seed % 100_000)
-    data_a, data_b = teacher_data(20, g, torch.randn(DIM, CLASSES, generator=g)), teacher_data(8, g, torch.randn(DIM, CLASSES, generator=g))
+    data_a, data_b = (
+        teacher_data(20, g, torch.randn(DIM, CLASSES, generator=g)),
+        teacher_data(8, g, torch.randn(DIM, CLASSES, generator=g)),
+    )
     exp_a, exp_b = experiences(data_a, data_b)
     lam = 30.0
     plugin = EWCPlugin(lam, kind="empirical", batch_size=6)
@@ -116,7 +121,10 @@ def test_fisher_of_the_experience_and_penalty_gradient(seed: int) -> None:
     naive(net, [plain], lr=0.0, batch=8).train(exp_b, eval_streams=[])
     for name, grad in penalty.items():
         torch.testing.assert_close(
-            with_ewc.seen[0][name] - plain.seen[0][name], grad, rtol=1e-4, atol=1e-6,
+            with_ewc.seen[0][name] - plain.seen[0][name],
+            grad,
+            rtol=1e-4,
+            atol=1e-6,
             msg=lambda m, n=name: f"seed={seed} {n}: {m}",
         )
     assert plugin.ewc.num_tasks == 2, f"seed={seed}: experience B consolidated too"

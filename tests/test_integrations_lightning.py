@@ -23,10 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning integration needs lightning (extra [lightning])")
 
 from ewc_helpers import naive_value_and_grads, perturb, snapshot  # noqa: E402
-from reference import reference_fisher, relative_error  # noqa: E402
-
 from ewc_rs import EWC  # noqa: E402
 from ewc_rs.integrations.lightning import EWCCallback, _grad_scale  # noqa: E402
+from reference import reference_fisher, relative_error  # noqa: E402
 
 DIM, CLASSES = 10, 3
 
@@ -138,7 +137,9 @@ def test_penalty_gradient_once_per_optimizer_step_before_clipping(clip: Optional
             assert norm > 2 * clip, f"seed={seed}: gradient norm {norm} would not be clipped"
             expected = [e * clip / (norm + 1e-6) for e in expected]
         for name, a, b in zip(names, got, expected):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name, s=step: f"seed={seed} {n} step {s}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name, s=step: f"seed={seed} {n} step {s}: {m}"
+            )
 
 
 def test_consolidates_on_train_end_and_logs_the_penalty(seed: int) -> None:
@@ -164,7 +165,11 @@ def test_consolidates_on_train_end_and_logs_the_penalty(seed: int) -> None:
 def test_ewc_keeps_task_a(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     teacher = torch.randn(DIM, CLASSES, generator=g)
-    task_a, task_b, test_a = teacher_task(256, g, teacher), teacher_task(256, g, -teacher), teacher_task(512, g, teacher)
+    task_a, task_b, test_a = (
+        teacher_task(256, g, teacher),
+        teacher_task(256, g, -teacher),
+        teacher_task(512, g, teacher),
+    )
     net = mlp(seed % 100_000)
     ewc = EWC(net, lam=1e3)
     fit(Classifier(net, lr=1e-2), task_a, [EWCCallback(ewc)], batch_size=32, max_epochs=5)

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-transformers = pytest.importorskip("transformers", reason="the Trainer integration needs transformers (extra [transformers])")
+transformers = pytest.importorskip(
+    "transformers", reason="the Trainer integration needs transformers (extra [transformers])"
+)
 
 from ewc_helpers import naive_value_and_grads, perturb, snapshot  # noqa: E402
-from reference import reference_fisher, relative_error  # noqa: E402
-
 from ewc_rs import EWC  # noqa: E402
 from ewc_rs.integrations.transformers import EWCTrainer, LabelSplit, logits_output  # noqa: E402
+from reference import reference_fisher, relative_error  # noqa: E402
 
 SEQ, VOCAB, CLASSES = 8, 50, 3
 
@@ -135,8 +136,15 @@ def test_penalty_counts_once_per_optimizer_step(path: str, seed: int, tmp_path: 
 
     def grads_before_steps(ewc_or_none: Optional[EWC]) -> tuple[list[dict[str, Tensor]], list[dict[str, Any]]]:
         run_args = args(
-            tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=1,
-            learning_rate=0.0, max_grad_norm=0.0, optim="sgd", logging_strategy="steps", logging_steps=1,
+            tmp_path,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            num_train_epochs=1,
+            learning_rate=0.0,
+            max_grad_norm=0.0,
+            optim="sgd",
+            logging_strategy="steps",
+            logging_steps=1,
         )
         recorder = GradsBeforeStep()
         kw: dict[str, Any] = dict(model=model, args=run_args, train_dataset=data, callbacks=[recorder])
@@ -151,7 +159,10 @@ def test_penalty_counts_once_per_optimizer_step(path: str, seed: int, tmp_path: 
     for step, (a, b) in enumerate(zip(with_ewc, without)):
         for name, grad in penalty_grads.items():
             torch.testing.assert_close(
-                a[name] - b.get(name, torch.zeros_like(grad)), grad, rtol=1e-4, atol=1e-6,
+                a[name] - b.get(name, torch.zeros_like(grad)),
+                grad,
+                rtol=1e-4,
+                atol=1e-6,
                 msg=lambda m, n=name, s=step: f"seed={seed} path={path} step={s} {n}: {m}",
             )
     logged = [entry["ewc_penalty"] for entry in logs if "ewc_penalty" in entry]
@@ -175,7 +186,9 @@ def test_consolidate_reads_the_trainers_train_dataloader(seed: int, tmp_path: An
     g = torch.Generator().manual_seed(seed)
     model = tiny_bert(seed % 100_000)
     data = token_task("a", 10, g)
-    trainer = EWCTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=data, ewc=EWC(model, lam=1.0))
+    trainer = EWCTrainer(
+        model=model, args=args(tmp_path, per_device_train_batch_size=4), train_dataset=data, ewc=EWC(model, lam=1.0)
+    )
     fisher = trainer.consolidate(kind="exact")
     batch = collate(data)
     labels = batch.pop("labels")

@@ -66,7 +66,9 @@ class EWCPlugin(SupervisedPlugin):  # type: ignore[misc]
         super().__init__()
         self.lam = options.check_lam(lam)
         self.kind = options.check_choice("kind", kind, KINDS)
-        for_ewc = {key: ewc_options.pop(key) for key in ("norm_stats", "storage_dtype") if key in ewc_options}
+        for_ewc: dict[str, Any] = {
+            key: ewc_options.pop(key) for key in ("norm_stats", "storage_dtype") if key in ewc_options
+        }
         self._ewc_kwargs: dict[str, Any] = dict(mode=mode, gamma=gamma, params=params, **for_ewc)
         self.fisher_options = ewc_options
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -134,7 +136,7 @@ class ExperienceBatches:
     def __init__(self, dataset: Any, batch_size: int) -> None:
         if not isinstance(dataset, Sized) or len(dataset) == 0:
             raise ValueError("dataset: the experience's dataset is empty or has no length")
-        self.dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
+        self.dataset: Any = dataset.eval() if hasattr(dataset, "eval") else dataset
         self.batch_size = int(batch_size)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:

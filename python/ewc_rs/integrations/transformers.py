@@ -78,7 +78,7 @@ class EWCTrainer(Trainer):
         )
         if not model.training:
             return result
-        loss, outputs = result if return_outputs else (result, None)
+        loss, outputs = (result[0], result[1]) if isinstance(result, tuple) else (result, None)
         penalty = self.ewc.penalty(self.model)
         self._penalty_log.append(penalty.detach())
         loss = loss + penalty / self.penalty_divisor(num_items_in_batch)
@@ -132,6 +132,8 @@ class EWCTrainer(Trainer):
         Returns:
             The new task's Fisher ``{name: F}``, as :meth:`ewc_rs.EWC.consolidate` returns it.
         """
+        if self.model is None:
+            raise ValueError("model: the trainer has no model")
         loader = self.get_train_dataloader() if dataloader is None else dataloader
         with logits_output(self.model):
             return self.ewc.consolidate(LabelSplit(loader, self.label_names), kind=kind, **fisher_options)
