@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
@@ -53,7 +52,8 @@ class EWCTrainer(Trainer):
             raise TypeError(f"ewc: expected an ewc_rs.EWC, got {type(ewc).__name__}")
         super().__init__(*args, **kwargs)
         self.ewc = ewc
-        self._penalty_log: list[Tensor] = []
+        self._penalty_sum: Optional[Tensor] = None  # since the last training log, on the device (no sync)
+        self._penalty_count = 0
 
     def compute_loss(
         self,
@@ -80,7 +80,9 @@ class EWCTrainer(Trainer):
             return result
         loss, outputs = (result[0], result[1]) if isinstance(result, tuple) else (result, None)
         penalty = self.ewc.penalty(self.model)
-        self._penalty_log.append(penalty.detach())
+        detached = penalty.detach()
+        self._penalty_sum = detached if self._penalty_sum is None else self._penalty_sum + detached
+        self._penalty_count += 1
         loss = loss + penalty / self.penalty_divisor(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -110,9 +112,9 @@ class EWCTrainer(Trainer):
             logs: the values to log.
             start_time: as for ``Trainer.log``.
         """
-        if "loss" in logs and self._penalty_log:
-            logs = {**logs, "ewc_penalty": float(torch.stack(self._penalty_log).float().mean())}
-            self._penalty_log = []
+        if "loss" in logs and self._penalty_sum is not None:
+            logs = {**logs, "ewc_penalty": float(self._penalty_sum) / self._penalty_count}
+            self._penalty_sum, self._penalty_count = None, 0
         super().log(logs, start_time)
 
     def consolidate(
