@@ -13,6 +13,9 @@ ifeq ($(TORCH_VERSION),)
 $(error no 'TORCH_VERSION = "x.y.z"' line in $(TORCH_VERSION_FILE))
 endif
 DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt $(TORCH_VERSION_FILE) | md5sum | cut -c1-12)
+# pip constraint pinning torch, written from TORCH_VERSION_FILE: no requirement (torchvision, lightning,
+# avalanche-lib, ...) can make pip upgrade or replace torch; it fails instead.
+TORCH_CONSTRAINT := $(VENV)/torch-constraint.txt
 OUT ?= demo_out
 # The demos and tests read their data from EWC_RS_DATA (README, "Data"). The library never looks
 # next to a checkout; this Makefile does: ../shared/data, when it exists and the variable is unset.
@@ -33,7 +36,8 @@ $(PY):
 
 $(DEPS_STAMP): requirements-dev.txt $(TORCH_VERSION_FILE) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
+	echo "torch==$(TORCH_VERSION)" > $(TORCH_CONSTRAINT)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -c $(TORCH_CONSTRAINT) -r requirements-dev.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	rm -f $(VENV)/.deps-* && touch $@
 
@@ -63,7 +67,7 @@ test-python: build
 test: build lint test-rust test-python
 
 bench: build
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-bench.txt
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -c $(TORCH_CONSTRAINT) -r requirements-bench.txt
 	$(PY) benchmarks/bench_fisher.py
 	$(PY) benchmarks/bench_penalty.py
 

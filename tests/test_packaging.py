@@ -2,7 +2,10 @@
 
 * The torch version is written once, in ``python/ewc_rs/_torch_version.py``; the places that cannot
   read it (pyproject.toml's pin, the README's commands) must say the same.
-* The core package ``ewc_rs`` does not import the demo (``ewc_rs.demo``: data files, plots).
+* The core package ``ewc_rs`` does not import the demo (``ewc_rs.demo``: data files, plots), nor the
+  framework integrations (``ewc_rs.integrations``), whose package imports no framework.
+* The integrations' extras are in requirements-dev.txt (the test command installs it), and the
+  Makefile installs requirements under a constraint file pinning torch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION_FILE = REPO / "python" / "ewc_rs" / "_torch_version.py"
@@ -80,3 +85,36 @@ def test_core_does_not_import_the_demo() -> None:
     for path in core:
         demo = {m for m in _imported_modules(path) if re.match(r"^(\.|ewc_rs\.)(demo|data)\b", m)}
         assert not demo, f"{path.name} imports {sorted(demo)}"
+
+
+INTEGRATION_EXTRAS = ("transformers", "lightning", "peft", "avalanche")
+
+
+def test_integration_extras_are_installed_for_the_tests() -> None:
+    """The test command installs requirements-dev.txt; it must hold every integration extra's pins."""
+    if sys.version_info < (3, 11):
+        pytest.skip("reading pyproject's optional-dependencies needs tomllib (Python 3.11)")
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    lines = {ln.strip() for ln in (REPO / "requirements-dev.txt").read_text(encoding="utf-8").splitlines()}
+    for name in INTEGRATION_EXTRAS:
+        missing = [req for req in extras[name] if req not in lines]
+        assert extras[name] and not missing, f"extra [{name}]: {missing} not in requirements-dev.txt"
+    assert "torchvision==0.26.0" in extras["avalanche"], "torchvision must stay pinned to torch 2.11.0's release"
+
+
+def test_makefile_installs_requirements_under_a_torch_constraint() -> None:
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert 'echo "torch==$(TORCH_VERSION)" > $(TORCH_CONSTRAINT)' in makefile
+    for requirements in ("requirements-dev.txt", "requirements-bench.txt"):
+        assert f"-c $(TORCH_CONSTRAINT) -r {requirements}" in makefile, requirements
+
+
+def test_integrations_package_imports_no_framework() -> None:
+    """``ewc_rs.integrations`` imports nothing; the core never imports the integrations."""
+    init = REPO / "python" / "ewc_rs" / "integrations" / "__init__.py"
+    assert not _imported_modules(init), f"{init.name} imports {sorted(_imported_modules(init))}"
+    for path in sorted((REPO / "python" / "ewc_rs").glob("*.py")):
+        found = {m for m in _imported_modules(path) if re.match(r"^(\.|ewc_rs\.)integrations\b", m)}
+        assert not found, f"{path.name} imports {sorted(found)}"

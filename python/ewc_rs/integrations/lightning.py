@@ -1,0 +1,125 @@
+"""EWC in Lightning (``lightning.pytorch``): :class:`EWCCallback`.
+
+Example::
+
+    from ewc_rs import EWC
+    from ewc_rs.integrations.lightning import EWCCallback
+
+    ewc = EWC(module, lam=100.0)               # module: the LightningModule (or the network inside it)
+    callback = EWCCallback(ewc, kind="exact")
+    L.Trainer(callbacks=[callback], max_epochs=5).fit(module, loader_a)   # consolidates at the end
+    L.Trainer(callbacks=[callback], max_epochs=5).fit(module, loader_b)   # penalised, then consolidates
+
+Where the gradient goes in (Lightning 2.6, ``Precision._after_closure``): after the closure has run
+``training_step`` and ``backward`` (all micro-batches of an accumulation), after AMP's
+``scaler.unscale_``, Lightning calls ``on_before_optimizer_step``, then clips the gradients, then steps.
+The callback adds λF(θ−θ*) to ``.grad`` there with :meth:`ewc_rs.EWC.backward`: once per optimizer step
+whatever ``accumulate_grad_batches`` is (the hook runs once per step), on unscaled gradients (for an
+optimizer that unscales inside its own ``step``, scaled by the scaler's current scale), and clipped
+together with the data gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from .. import KINDS, options
+from ..ewc import EWC
+
+__all__ = ["EWCCallback"]
+
+
+class EWCCallback(Callback):
+    """Adds the EWC penalty's gradient before each optimizer step and consolidates when ``fit`` ends.
+
+    Args:
+        ewc: the :class:`ewc_rs.EWC` object, bound to the LightningModule or a submodule of it.
+        kind: Fisher kind for the consolidation (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
+        consolidate_on_train_end: consolidate at ``on_train_end`` (default True).
+        loader: batches ``(x, y)`` to consolidate on; default: the trainer's train dataloader, its batches as
+            they are. With several processes (DDP) it is required: the gradient is added after DDP's
+            all-reduce, so every rank must hold the same F (pass the same batches on every rank).
+        log_name: the penalty's value is logged with ``pl_module.log`` under this name each step; None: not logged.
+        **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, progress, ...).
+    """
+
+    def __init__(
+        self,
+        ewc: EWC,
+        *,
+        kind: str = "exact",
+        consolidate_on_train_end: bool = True,
+        loader: Optional[Iterable[Any]] = None,
+        log_name: Optional[str] = "ewc_penalty",
+        **fisher_options: Any,
+    ) -> None:
+        if not isinstance(ewc, EWC):
+            raise TypeError(f"ewc: expected an ewc_rs.EWC, got {type(ewc).__name__}")
+        self.ewc = ewc
+        self.kind = options.check_choice("kind", kind, KINDS)
+        self.consolidate_on_train_end = consolidate_on_train_end
+        self.loader = loader
+        self.log_name = log_name
+        self.fisher_options = fisher_options
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Checks the set-up: one optimizer; with several processes, a consolidation ``loader``."""
+        if len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"EWCCallback: the trainer has {len(trainer.optimizers)} optimizers; the penalty's gradient is added "
+                "to every protected parameter before each optimizer step, so use one optimizer"
+            )
+        if trainer.world_size > 1 and self.consolidate_on_train_end and self.loader is None:
+            raise ValueError(
+                "loader: with several processes each rank would estimate F on its own shard and the penalty "
+                "gradients (added after DDP's all-reduce) would differ; pass EWCCallback(loader=...) yielding "
+                "the same batches on every rank"
+            )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Adds λF(θ−θ*) to ``.grad`` (unscaled gradients; see the module's doc) and logs the value."""
+        value = self.ewc.backward(grad_scale=_grad_scale(trainer, optimizer))
+        if self.log_name is not None:
+            pl_module.log(self.log_name, value, on_step=True, on_epoch=False, prog_bar=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Consolidates on ``loader`` or the trainer's train dataloader (if ``consolidate_on_train_end``)."""
+        if self.consolidate_on_train_end:
+            self.consolidate(trainer)
+
+    def consolidate(self, trainer: pl.Trainer, loader: Optional[Iterable[Any]] = None) -> dict[str, Tensor]:
+        """Estimates F and stores (F, θ*) in ``ewc``.
+
+        Args:
+            trainer: the trainer whose train dataloader to use when neither ``loader`` nor ``self.loader`` is given.
+            loader: batches ``(x, y)``; overrides ``self.loader``.
+
+        Returns:
+            The new task's Fisher, as :meth:`ewc_rs.EWC.consolidate` returns it.
+
+        Raises:
+            ValueError: no loader given and the trainer has no train dataloader.
+        """
+        batches = loader if loader is not None else self.loader if self.loader is not None else trainer.train_dataloader
+        if batches is None:
+            raise ValueError("loader: the trainer has no train dataloader; pass loader=")
+        with torch.inference_mode(False), torch.enable_grad():
+            return self.ewc.consolidate(batches, kind=self.kind, **self.fisher_options)
+
+
+def _grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
+    """1, unless AMP's gradients are still scaled at the hook: an optimizer that unscales in its own ``step``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        return float(scaler.get_scale())
+    return 1.0
