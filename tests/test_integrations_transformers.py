@@ -24,8 +24,8 @@ transformers = pytest.importorskip(
 )
 
 from ewc_helpers import naive_value_and_grads, perturb, snapshot  # noqa: E402
-from ewc_rs import EWC  # noqa: E402
-from ewc_rs.integrations.transformers import EWCTrainer, LabelSplit, logits_output  # noqa: E402
+from ewc_rs import EWC, fisher_diag  # noqa: E402
+from ewc_rs.integrations.transformers import EWCTrainer, LabelSplit  # noqa: E402
 from reference import reference_fisher, relative_error  # noqa: E402
 
 SEQ, VOCAB, CLASSES = 8, 50, 3
@@ -127,8 +127,7 @@ def test_penalty_counts_once_per_optimizer_step(path: str, seed: int, tmp_path: 
     model = tiny_bert(seed % 100_000)
     lam = 50.0
     ewc = EWC(model, lam=lam)
-    with logits_output(model):
-        fisher = ewc.consolidate(LabelSplit([collate(token_task("a", 6, g))]), kind="exact")
+    fisher = ewc.consolidate(LabelSplit([collate(token_task("a", 6, g))]), kind="exact")  # ModelOutput.logits
     star = snapshot(model)
     perturb(model, g, scale=0.05)
     value, penalty_grads = naive_value_and_grads(model, [(star, fisher)], lam)
@@ -192,15 +191,14 @@ def test_consolidate_reads_the_trainers_train_dataloader(seed: int, tmp_path: An
     err = relative_error({n: f.double() for n, f in fisher.items()}, expected)
     assert err < 1e-4, f"seed={seed}: relative error {err:.2e} of the Fisher from the train dataloader"
     assert trainer.ewc.num_tasks == 1
-    assert isinstance(model(**batch), transformers.modeling_outputs.SequenceClassifierOutput), "logits hook left behind"
+    assert isinstance(model(**batch), transformers.modeling_outputs.SequenceClassifierOutput), "model's output changed"
 
 
 def test_evaluation_loss_has_no_penalty(seed: int, tmp_path: Any) -> None:
     g = torch.Generator().manual_seed(seed)
     model = tiny_bert(seed % 100_000)
     ewc = EWC(model, lam=1e3)
-    with logits_output(model):
-        ewc.consolidate(LabelSplit([collate(token_task("a", 8, g))]))
+    ewc.consolidate(LabelSplit([collate(token_task("a", 8, g))]))
     perturb(model, g)
     assert float(ewc.penalty(model).detach()) > 0, f"seed={seed}"
     data = token_task("a", 8, g)
@@ -245,3 +243,30 @@ def test_ewc_keeps_task_a(seed: int, tmp_path: Any) -> None:
         trainer.train()
         losses[name] = task_loss(model, test_a)
     assert losses["ewc"] < losses["plain"] - 0.5, f"seed={seed}: task A loss after A {after_a:.3f}, after B {losses}"
+
+
+def test_consolidate_a_causal_lm_from_the_trainer(seed: int, tmp_path: Any) -> None:
+    """A GPT-2 causal LM: ``consolidate(likelihood="causal_lm")`` reads the trainer's own dict batches
+    (``labels`` with ignored positions) and gives the Fisher of ``fisher_diag`` on the same data."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed % 100_000)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, VOCAB, (6, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, -2:] = -100  # padding: left out of each sample's log-likelihood
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(6)]
+    trainer = EWCTrainer(
+        model=model, args=args(tmp_path, per_device_train_batch_size=3), train_dataset=data, ewc=EWC(model, lam=1.0)
+    )
+    trainer.args.dataloader_drop_last = False
+    got = trainer.consolidate(kind="empirical", likelihood="causal_lm")
+    loader = trainer.get_train_dataloader()
+    batches = [({"input_ids": b["input_ids"]}, b["labels"]) for b in loader]
+    # the trainer's loader shuffles: same samples, maybe another order, so the same Fisher
+    want = fisher_diag(model, batches, kind="empirical", likelihood="causal_lm")
+    err = relative_error({n: f.double() for n, f in got.items()}, {n: f.double() for n, f in want.items()})
+    assert err < 1e-5, f"seed={seed}: relative error {err:.2e}"
+    assert trainer.ewc.num_tasks == 1

@@ -25,7 +25,6 @@ evaluation (``model.training`` false) the loss is the data loss alone.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 from torch import Tensor, nn
@@ -33,7 +32,7 @@ from transformers import Trainer
 
 from ..ewc import EWC
 
-__all__ = ["EWCTrainer", "LabelSplit", "logits_output"]
+__all__ = ["EWCTrainer", "LabelSplit"]
 
 
 class EWCTrainer(Trainer):
@@ -123,8 +122,8 @@ class EWCTrainer(Trainer):
         """Estimates F on the trainer's train dataloader (or ``dataloader``) and stores (F, θ*) in ``ewc``.
 
         Each batch (a dict) is split into the model's inputs and its targets, the entry named by
-        ``self.label_names`` (``"labels"`` by default); while F is estimated, a model that returns a
-        ``ModelOutput`` or dict gives its ``"logits"`` (:func:`logits_output`).
+        ``self.label_names`` (``"labels"`` by default); :func:`ewc_rs.fisher_diag` reads the
+        ``"logits"`` of the model's ``ModelOutput`` (for a causal LM pass ``likelihood="causal_lm"``).
 
         Args:
             kind: Fisher kind (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
@@ -137,8 +136,7 @@ class EWCTrainer(Trainer):
         if self.model is None:
             raise ValueError("model: the trainer has no model")
         loader = self.get_train_dataloader() if dataloader is None else dataloader
-        with logits_output(self.model):
-            return self.ewc.consolidate(LabelSplit(loader, self.label_names), kind=kind, **fisher_options)
+        return self.ewc.consolidate(LabelSplit(loader, self.label_names), kind=kind, **fisher_options)
 
 
 class LabelSplit:
@@ -164,27 +162,3 @@ class LabelSplit:
                 raise ValueError(f"dataloader: batch {index} has no {self.label_name!r} (keys: {sorted(batch)})")
             inputs = {k: v for k, v in batch.items() if k != self.label_name}
             yield inputs, batch[self.label_name]
-
-
-@contextmanager
-def logits_output(model: nn.Module) -> Iterator[nn.Module]:
-    """While active, ``model(...)`` returns the ``"logits"`` of a ``ModelOutput``/dict output (a forward
-    hook on ``model``; other outputs pass unchanged). Removed on exit, even on error.
-
-    Args:
-        model: the model whose outputs to convert.
-
-    Yields:
-        ``model``.
-    """
-
-    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        if isinstance(output, Mapping) and "logits" in output:
-            return output["logits"]
-        return None
-
-    handle = model.register_forward_hook(hook)
-    try:
-        yield model
-    finally:
-        handle.remove()
