@@ -6,9 +6,11 @@ Side by side in one process, interleaved rounds, on the same 32 sequences of 128
 - ``ewc_rs:empirical``: ``fisher_diag(model, batches, kind="empirical", likelihood="causal_lm")``,
   checked first against the per-sample definition on 4 sequences of 16 tokens (float32 vs a
   per-sample loop in float64 would not fit the time here).
-Each is timed (median over rounds) and its peak resident memory measured above the memory held
-before the call (sampled every 5 ms by a thread). Then the penalty step for the same model
-against the one-pass floor, as in ``bench_penalty.py``.
+Each is timed (median over interleaved rounds). Peak memory is measured apart, one fresh process
+per method (the allocator keeps freed memory, so a second call in one process would look almost
+free): the process builds the model and the batches, then runs the method once; the figure is its
+peak resident memory (``ru_maxrss``) minus the resident memory just before the call. Then the
+penalty step for the same model against the one-pass floor, as in ``bench_penalty.py``.
 
 Targets (the sequence-model issue): Fisher ≤ 3× fwd_bwd in time and ≤ 2.5× in peak memory;
 penalty ≤ 1.5× the floor.
@@ -20,10 +22,12 @@ short sequences, for the smoke test). Writes ``benchmarks/results/llm_cpu.json``
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,30 +47,26 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * PAGE
 
 
-class PeakRSS:
-    """Peak resident memory above the starting level while the block runs (sampled)."""
+def peak_above_start(tiny: bool, method: str) -> int:
+    """Bytes of peak resident memory that ``method`` adds, measured in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--peak-of", method, *(["--tiny"] if tiny else [])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(proc.stdout.strip().splitlines()[-1])
 
-    def __enter__(self) -> PeakRSS:
-        self.start = rss_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
 
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def above_start(self) -> int:
-        return self.peak - self.start
+def _report_peak(tiny: bool, method: str) -> None:
+    """In the child: set up, run ``method`` once, print the peak above the starting level."""
+    model, data = setup(tiny)
+    fn = methods(model, data)[method]
+    gc.collect()
+    start = rss_bytes()
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(max(peak - start, 0))
 
 
 def gpt2(tiny: bool) -> torch.nn.Module:
@@ -105,14 +105,18 @@ def check_against_loop(model: torch.nn.Module, vocab: int) -> float:
     return (num / den) ** 0.5
 
 
-def run_llm(tiny: bool, rounds: int) -> dict[str, Any]:
+def setup(tiny: bool) -> tuple[torch.nn.Module, list[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
     model = gpt2(tiny)
-    vocab = model.config.vocab_size
-    sequences, tokens, batch = (8, 32, 4) if tiny else (32, 128, 8)
-    data = batches(vocab, sequences, tokens, batch)
-    err = check_against_loop(model, vocab)
-    print(f"relative error of ewc_rs:empirical against the per-sample loop: {err:.1e}")
+    sequences, tokens, batch = shape(tiny)
+    return model, batches(model.config.vocab_size, sequences, tokens, batch)
 
+
+def shape(tiny: bool) -> tuple[int, int, int]:
+    """Sequences, tokens per sequence, sequences per batch."""
+    return (8, 32, 4) if tiny else (32, 128, 8)
+
+
+def methods(model: torch.nn.Module, data: list) -> dict[str, Callable[[], None]]:
     def fwd_bwd() -> None:
         for x, y in data:
             model(**x, labels=y).loss.backward()
@@ -121,25 +125,30 @@ def run_llm(tiny: bool, rounds: int) -> dict[str, Any]:
     def fisher() -> None:
         ewc_rs.fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
 
-    methods: dict[str, Callable[[], None]] = {"fwd_bwd": fwd_bwd, "ewc_rs:empirical": fisher}
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    peaks: dict[str, list[int]] = {k: [] for k in methods}
+    return {"fwd_bwd": fwd_bwd, "ewc_rs:empirical": fisher}
+
+
+def run_llm(tiny: bool, rounds: int) -> dict[str, Any]:
+    model, data = setup(tiny)
+    sequences, tokens, _ = shape(tiny)
+    vocab = model.config.vocab_size
+    err = check_against_loop(model, vocab)
+    print(f"relative error of ewc_rs:empirical against the per-sample loop: {err:.1e}")
+    fns = methods(model, data)
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds + 1):  # round 0 warms up (allocator, thread pools)
-        for name, fn in methods.items():
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
             if r > 0:
-                times[name].append(dt)
-                peaks[name].append(mem.above_start)
+                times[name].append(time.perf_counter() - t0)
+    m = {k: peak_above_start(tiny, k) for k in fns}
     t = {k: statistics.median(v) for k, v in times.items()}
-    m = {k: statistics.median(v) for k, v in peaks.items()}
     params = sum(p.numel() for p in model.parameters())
     size = "tiny" if tiny else "small"
     print(f"\nGPT-2 {size} ({params / 1e6:.1f}M parameters), {sequences} sequences × {tokens} tokens")
     print(f"{'method':<20}{'median s':>10}{'peak MiB':>10}")
-    for k in methods:
+    for k in fns:
         print(f"{k:<20}{t[k]:>10.2f}{m[k] / 2**20:>10.0f}")
     time_ratio = t["ewc_rs:empirical"] / t["fwd_bwd"]
     mem_ratio = m["ewc_rs:empirical"] / max(m["fwd_bwd"], 1)
@@ -160,7 +169,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on short sequences (smoke run)")
+    ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: the child of the memory measurement
     args = ap.parse_args()
+    if args.peak_of:
+        _report_peak(args.tiny, args.peak_of)
+        return
     fisher = run_llm(args.tiny, args.rounds)
     print()
     print_header()
