@@ -9,7 +9,6 @@
 
 mod conv;
 mod embedding;
-mod hf_conv1d;
 mod linear;
 mod norm;
 #[cfg(test)]
@@ -24,8 +23,7 @@ use tch::{Kind, Tensor};
 
 pub use conv::Conv;
 pub use embedding::Embedding;
-pub use hf_conv1d::HfConv1d;
-pub use linear::Linear;
+pub use linear::{Linear, WeightLayout};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm};
 
 /// Which of a layer's two parameters (weight, bias) a rule is asked for.
@@ -140,7 +138,7 @@ pub const REGISTRY: &[(&str, FromModule)] = &[
         norm::group_norm_from_module,
     ),
     ("torch.nn.modules.sparse.Embedding", embedding::from_module),
-    ("transformers.pytorch_utils.Conv1D", hf_conv1d::from_module),
+    ("transformers.pytorch_utils.Conv1D", linear::from_hf_conv1d),
 ];
 
 /// The registry's reader for this module's exact type, if any.
