@@ -8,8 +8,9 @@ Side by side in one process, interleaved rounds, on the same 32 sequences of 128
   per-sample loop in float64 would not fit the time here).
 Each is timed (median over interleaved rounds). Peak memory is measured apart, one fresh process
 per method (the allocator keeps freed memory, so a second call in one process would look almost
-free): the process builds the model and the batches, then runs the method once; the figure is its
-peak resident memory (``ru_maxrss``) minus the resident memory just before the call. Then the
+free): the process builds the model and the batches, resets the kernel's peak counter
+(``/proc/self/clear_refs``), runs the method once, and reports its peak resident memory (VmHWM)
+minus the resident memory just before the call. Then the
 penalty step for the same model against the one-pass floor, as in ``bench_penalty.py``.
 
 Targets (the sequence-model issue): Fisher ≤ 3× fwd_bwd in time and ≤ 2.5× in peak memory;
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,14 +59,25 @@ def peak_above_start(tiny: bool, method: str) -> int:
 
 
 def _report_peak(tiny: bool, method: str) -> None:
-    """In the child: set up, run ``method`` once, print the peak above the starting level."""
+    """In the child: set up, reset the kernel's peak counter, run ``method`` once, print the peak
+    resident memory above the level just before the call."""
     model, data = setup(tiny)
     fn = methods(model, data)[method]
     gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM (the peak) to the current resident size
     start = rss_bytes()
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(max(peak - start, 0))
+    print(max(vm_hwm() - start, 0))
+
+
+def vm_hwm() -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def gpt2(tiny: bool) -> torch.nn.Module:

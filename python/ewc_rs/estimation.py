@@ -26,9 +26,11 @@ from .recording import Recorder, RuleCoverage, cover_model
 #: Rules whose check against autograd differs by more than this use the fallback instead.
 _MISMATCH_TOL = 1e-3
 
-#: Samples of the first batch that the once-per-estimation rule checks run on: enough for every
-#: use of a parameter to show up, few enough to cost little next to the estimation itself.
-_CHECK_SAMPLES = 16
+#: Samples of the first batch that the once-per-estimation rule checks run on. The checks look at
+#: how the model uses its parameters, which a few samples show (at least 2: one probe row against
+#: the others); each costs about a forward and two backward passes, which with language models
+#: (a sample is a whole sequence) was a quarter of a 32-sequence estimate at 16 samples.
+_CHECK_SAMPLES = 4
 
 
 def _budget_bytes() -> int:
