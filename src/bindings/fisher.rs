@@ -158,7 +158,10 @@ pub struct RootSpec {
 #[pymethods]
 impl RootSpec {
     #[new]
-    #[pyo3(signature = (*, kind, likelihood, targets=None, mc_draws=None, loglik=None, ignore_index=-100))]
+    #[pyo3(
+        signature = (*, kind, likelihood, targets=None, mc_draws=None, loglik=None, ignore_index=-100),
+        text_signature = "(*, kind, likelihood, targets=None, mc_draws=None, loglik=None, ignore_index=-100)"
+    )]
     fn new(
         kind: &str,
         likelihood: &str,
