@@ -112,23 +112,6 @@ mod tests {
         assert!(rel(got[0].as_ref().unwrap(), &want) < 1e-5);
     }
 
-    #[test]
-    fn gemm_form_equals_squared_per_sample_gradients() {
-        tch::manual_seed(2);
-        let a2 = Tensor::randn([7, 4], OPTS);
-        let g2 = Tensor::randn([7, 6], OPTS);
-        let fast = LINEAR.sum_sq(&a2, &g2, Want::BOTH, 1 << 20).unwrap();
-        let ps = LINEAR.per_sample(&a2, &g2, Want::BOTH).unwrap();
-        for (f, p) in fast.iter().zip(ps.iter()) {
-            let slow = p
-                .as_ref()
-                .unwrap()
-                .square()
-                .sum_dim_intlist(0, false, Kind::Float);
-            assert!(rel(f.as_ref().unwrap(), &slow) < 1e-5);
-        }
-    }
-
     /// Conv1D's forward, as transformers writes it: addmm on the flattened leading dims.
     fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         let fin = *x.size().last().unwrap();
@@ -154,21 +137,23 @@ mod tests {
     }
 
     #[test]
-    fn conv1d_fast_path_equals_per_sample_path() {
+    fn gemm_form_equals_squared_per_sample_gradients_in_both_layouts() {
         tch::manual_seed(12);
         let a2 = Tensor::randn([7, 4], OPTS);
         let g2 = Tensor::randn([7, 6], OPTS);
-        assert!(CONV1D.is_outer_product(&a2));
-        let fast = CONV1D.sum_sq(&a2, &g2, Want::BOTH, 1 << 20).unwrap();
-        let ps = CONV1D.per_sample(&a2, &g2, Want::BOTH).unwrap();
-        for (f, p) in fast.iter().zip(ps.iter()) {
-            let slow = p
-                .as_ref()
-                .unwrap()
-                .square()
-                .sum_dim_intlist(0, false, Kind::Float);
-            assert_eq!(f.as_ref().unwrap().size(), slow.size());
-            assert!(rel(f.as_ref().unwrap(), &slow) < 1e-5);
+        for rule in [LINEAR, CONV1D] {
+            assert!(rule.is_outer_product(&a2));
+            let fast = rule.sum_sq(&a2, &g2, Want::BOTH, 1 << 20).unwrap();
+            let ps = rule.per_sample(&a2, &g2, Want::BOTH).unwrap();
+            for (f, p) in fast.iter().zip(ps.iter()) {
+                let slow = p
+                    .as_ref()
+                    .unwrap()
+                    .square()
+                    .sum_dim_intlist(0, false, Kind::Float);
+                assert_eq!(f.as_ref().unwrap().size(), slow.size(), "{:?}", rule.layout);
+                assert!(rel(f.as_ref().unwrap(), &slow) < 1e-5, "{:?}", rule.layout);
+            }
         }
     }
 
