@@ -14,30 +14,28 @@ from torch import nn
 LikelihoodFn = Callable[[Any, Any], torch.Tensor]
 
 
-def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
-    """``fn`` applied to every tensor of a batch element (a tensor, or a tuple/list/dict of them);
-    anything else is returned as it is."""
-    if isinstance(x, torch.Tensor):
+def map_tensors(fn: Callable[[Any], Any], x: Any, leaf: type = torch.Tensor) -> Any:
+    """``fn`` applied to every ``leaf`` (a tensor, by default) of a batch element (a leaf, or a
+    tuple/list/dict of them); anything else is returned as it is."""
+    if isinstance(x, leaf):
         return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(map_tensors(fn, v) for v in x)
+        return type(x)(map_tensors(fn, v, leaf) for v in x)
     if isinstance(x, dict):
-        return {k: map_tensors(fn, v) for k, v in x.items()}
+        return {k: map_tensors(fn, v, leaf) for k, v in x.items()}
     return x
 
 
 def as_tensors(x: Any) -> Any:
     """A batch element with every numpy array turned into a tensor: zero-copy (``torch.from_numpy``,
     which keeps the array alive) when the array is writable, else a copy."""
-    if isinstance(x, np.ndarray):
-        if x.dtype == object or x.dtype.kind in "USV":
-            raise TypeError(f"loader: a numpy array of dtype {x.dtype} cannot become a tensor; expected numbers")
-        return torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(as_tensors(v) for v in x)
-    if isinstance(x, dict):
-        return {k: as_tensors(v) for k, v in x.items()}
-    return x
+    return map_tensors(_numpy_to_tensor, x, np.ndarray)
+
+
+def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == object or a.dtype.kind in "USV":
+        raise TypeError(f"loader: a numpy array of dtype {a.dtype} cannot become a tensor; expected numbers")
+    return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
 
 
 def to_device(x: Any, device: torch.device) -> Any:

@@ -87,14 +87,13 @@ class FisherOptions:
             )
         gen = self.generator
         gen_device = gen.device if gen is not None else out.device
+        shape = self.draw_shape(out)
         if self.likelihood != "gaussian":
             probs = torch.softmax(out, dim=-1).to(gen_device)
             flat = probs.reshape(-1, probs.shape[-1])
-            draws = torch.multinomial(flat, self.mc_samples, replacement=True, generator=gen)
-            draws = draws.reshape(*probs.shape[:-1], self.mc_samples)
+            draws = torch.multinomial(flat, self.mc_samples, replacement=True, generator=gen).reshape(shape)
         else:
-            out2 = out.reshape(out.shape[0], -1)
-            draws = torch.randn(out2.shape[0], self.mc_samples, out2.shape[1], generator=gen, device=gen_device)
+            draws = torch.randn(shape, generator=gen, device=gen_device)
         return draws.to(out.device)
 
 
