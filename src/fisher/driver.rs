@@ -135,8 +135,14 @@ impl FisherSums {
                 total.size()
             ));
         }
-        let t = t.to_device(total.device());
-        let _ = total.f_add_(&t).ctx("add into the Fisher sums")?;
+        // Per-sample results come from the parameter's own device; a move is needed only for
+        // sums computed elsewhere, and is not paid on every add of the hot path.
+        let _ = if t.device() == total.device() {
+            total.f_add_(t)
+        } else {
+            total.f_add_(&t.to_device(total.device()))
+        }
+        .ctx("add into the Fisher sums")?;
         Ok(())
     }
 
