@@ -30,7 +30,10 @@ from models import GAUSSIAN, LIKELIHOOD, MODELS
 from reference import reference_fisher, relative_error, seed_batched_fisher
 
 #: same_conv's even-kernel 'same' padding makes torch warn about a padded copy: expected.
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 SEED: int = int(os.environ.get("EWC_RS_TEST_SEED") or secrets.randbits(31))
 TOL = 1e-4
@@ -319,18 +322,6 @@ def _draws_like_fisher(
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: the models are tiny, and on 2 busy cores OpenMP's thread hand-offs
-    made this file ~5x slower (70 s vs 13 s). Restored after the module."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request: pytest.FixtureRequest) -> Iterator[torch.device]:
     """CPU always; CUDA when available (skipped otherwise), with TF32 off during the test."""

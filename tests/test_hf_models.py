@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -33,6 +32,8 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed: the Hugging Face model tests need it"
 )
 from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 TOL = 1e-4
 VOCAB, T, CLASSES = 40, 6, 3
@@ -161,17 +162,6 @@ def _draws_like_fisher(model: nn.Module, batches: list[Batch], mc_samples: int, 
     finally:
         model.train(mode)
     return [torch.multinomial(torch.softmax(o, dim=1), mc_samples, replacement=True, generator=g) for o in outs]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread, as in test_fisher.py: the models are tiny and the cores busy."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ synthetic tensor experiences.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,16 +32,9 @@ from ewc_helpers import naive_value_and_grads, perturb, snapshot  # noqa: E402
 from ewc_rs.integrations.avalanche import EWCPlugin, ExperienceBatches  # noqa: E402
 from reference import reference_fisher, relative_error  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
+
 DIM, CLASSES = 10, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Tensors(TensorDataset):

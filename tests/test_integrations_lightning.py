@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -27,16 +26,9 @@ from ewc_rs import EWC  # noqa: E402
 from ewc_rs.integrations.lightning import EWCCallback, _grad_scale  # noqa: E402
 from reference import reference_fisher, relative_error  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
+
 DIM, CLASSES = 10, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RecordingSGD(torch.optim.SGD):

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,16 +25,9 @@ from ewc_rs import EWC, fisher_diag  # noqa: E402
 from ewc_rs.integrations.peft import lora_delta_penalty, lora_layers  # noqa: E402
 from reference import reference_fisher, relative_error  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
+
 DIM, HIDDEN, CLASSES, RANK, ALPHA = 10, 24, 3, 4, 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MLP(nn.Module):

@@ -11,7 +11,6 @@ nothing downloaded) and synthetic token data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
@@ -28,16 +27,9 @@ from ewc_rs import EWC, fisher_diag  # noqa: E402
 from ewc_rs.integrations.transformers import EWCTrainer, LabelSplit  # noqa: E402
 from reference import reference_fisher, relative_error  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
+
 SEQ, VOCAB, CLASSES = 8, 50, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest on this shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_bert(seed: int) -> nn.Module:

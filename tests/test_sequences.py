@@ -9,7 +9,6 @@ Every random input is drawn fresh; the seed is printed and is part of every asse
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -21,19 +20,10 @@ from ewc_rs import fisher_diag
 from reference import relative_error
 from reference_sequences import logits_of, sequence_fisher
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
+
 TOL = 1e-4
 V, T, N = 7, 5, 4  # vocabulary / classes, positions, samples per batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster on the 2 shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 # ------------------------------------------------------------------------------------------------
