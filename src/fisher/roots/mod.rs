@@ -242,29 +242,41 @@ fn mc_by_class(logp: &Tensor, labels: &Tensor, s: i64) -> Result<Vec<Tensor>> {
 }
 
 fn check_labels(y: &Tensor, n: i64, c: i64) -> Result<()> {
-    if !matches!(
-        y.kind(),
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-    ) {
-        return value_err(format!(
-            "targets: likelihood 'categorical' expects integer class labels, got dtype {:?}",
-            y.kind()
-        ));
-    }
+    check_integer(y, "targets")?;
     if y.numel() as i64 != n {
         return value_err(format!(
             "targets: expected {n} labels (one per output row), got shape {:?}",
             y.size()
         ));
     }
-    if n > 0 {
-        let lo = y.min().int64_value(&[]);
-        let hi = y.max().int64_value(&[]);
-        if lo < 0 || hi >= c {
-            return value_err(format!(
-                "targets: labels must lie in [0, {c}) for {c} output classes, found range [{lo}, {hi}]"
-            ));
-        }
+    check_range(y, c, "targets", "")
+}
+
+/// Integer class labels, or a `ValueError` naming `what`.
+fn check_integer(y: &Tensor, what: &str) -> Result<()> {
+    if !matches!(
+        y.kind(),
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+    ) {
+        return value_err(format!(
+            "{what}: likelihood 'categorical' expects integer class labels, got dtype {:?}",
+            y.kind()
+        ));
+    }
+    Ok(())
+}
+
+/// Every label in `[0, c)`, or a `ValueError` naming `what` and the range found; `also` completes
+/// the message (e.g. the values that are allowed besides).
+fn check_range(labels: &Tensor, c: i64, what: &str, also: &str) -> Result<()> {
+    if labels.numel() == 0 {
+        return Ok(());
+    }
+    let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+    if lo < 0 || hi >= c {
+        return value_err(format!(
+            "{what}: labels must lie in [0, {c}) for {c} output classes{also}, found range [{lo}, {hi}]"
+        ));
     }
     Ok(())
 }

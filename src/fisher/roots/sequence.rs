@@ -7,7 +7,7 @@
 //! independent, so E_y[(∇ℓ_n)²] = Σ_p Σ_c p(c|n,p) (∇ log p(c|n,p))² (cross terms vanish):
 //! `exact` needs one root per (position, class) pair.
 
-use super::{need, FisherKind, RootSpec};
+use super::{check_integer, check_range, need, FisherKind, RootSpec};
 use crate::error::{value_err, Context, Result};
 use tch::{Kind, Tensor};
 
@@ -75,7 +75,7 @@ pub fn roots(spec: &RootSpec, out: &Tensor) -> Result<Vec<Tensor>> {
                     draws.size()
                 ));
             }
-            check_range(draws, c, "mc_draws")?;
+            check_range(draws, c, "mc_draws", "")?;
             let s = draws.size()[2];
             let ll = logp
                 .f_gather(2, &draws.to_kind(Kind::Int64), false)
@@ -95,12 +95,7 @@ pub fn roots(spec: &RootSpec, out: &Tensor) -> Result<Vec<Tensor>> {
 /// Checks targets `[N, P]` against logits `[N, P, C]` and returns the float mask of the
 /// positions that count (target ≠ `ignore_index`); every sample needs at least one.
 fn position_mask(y: &Tensor, [n, p, c]: [i64; 3], ignore_index: i64) -> Result<Tensor> {
-    if !is_integer(y) {
-        return value_err(format!(
-            "targets: likelihood 'categorical' expects integer class labels, got dtype {:?}",
-            y.kind()
-        ));
-    }
+    check_integer(y, "targets")?;
     if y.size() != [n, p] {
         return value_err(format!(
             "targets: expected shape [{n}, {p}] (one label per position of the logits [{n}, {p}, \
@@ -117,27 +112,11 @@ fn position_mask(y: &Tensor, [n, p, c]: [i64; 3], ignore_index: i64) -> Result<T
              has no log-likelihood; drop such samples from the loader"
         ));
     }
-    check_range(&y.masked_select(&keep), c, "targets")?;
+    check_range(
+        &y.masked_select(&keep),
+        c,
+        "targets",
+        " (or equal ignore_index)",
+    )?;
     Ok(keep.to_kind(Kind::Float))
-}
-
-fn is_integer(t: &Tensor) -> bool {
-    matches!(
-        t.kind(),
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-    )
-}
-
-fn check_range(labels: &Tensor, c: i64, what: &str) -> Result<()> {
-    if labels.numel() == 0 {
-        return Ok(());
-    }
-    let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
-    if lo < 0 || hi >= c {
-        return value_err(format!(
-            "{what}: labels must lie in [0, {c}) for {c} output classes (or equal ignore_index), \
-             found range [{lo}, {hi}]"
-        ));
-    }
-    Ok(())
 }
