@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, distributed
 from .batches import as_tensors, batch_size, call_model, take, to_device, unpack
 from .fallback import Fallback
 from .fisher_options import FisherOptions
@@ -54,13 +54,18 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 class Estimation:
     """The state of one ``fisher_diag`` call and its steps."""
 
-    def __init__(self, model: nn.Module, options: FisherOptions) -> None:
+    def __init__(self, model: nn.Module, options: FisherOptions, group: distributed.Group = None) -> None:
         self.model = model
         self.options = options
+        self.group = group  # sums and count are all-reduced over it in `result` (None: this process only)
         self.coverage: RuleCoverage = cover_model(model)
         if not self.coverage.params:
             raise ValueError("model: no parameter requires grad, so there is no Fisher to estimate")
         self.device = self.coverage.params[0].device
+        if group is not None:
+            distributed.check_same_model(
+                self.coverage.names, [p.shape for p in self.coverage.params], group, self.device
+            )
         self.budget = _budget_bytes()
         self.sums = _core.FisherSums(params=self.coverage.params, names=self.coverage.names, budget_bytes=self.budget)
         self.fallback = Fallback(model, self.coverage, options, self.sums, self.budget)
@@ -119,12 +124,18 @@ class Estimation:
         return n
 
     def result(self) -> dict[str, torch.Tensor]:
-        """``{name: F}``: the sums over the count (batches for ``batched``, else samples)."""
-        if self.batches == 0:
-            raise ValueError("loader: produced no batches (an empty loader has no Fisher)")
+        """``{name: F}``: the sums over the count (batches for ``batched``, else samples); under a
+        group, the sums and counts of all ranks (one all-reduce, which an empty rank joins too)."""
         count = self.batches if self.options.kind == "batched" else self.seen
+        totals = self.sums.totals
+        if self.group is not None:
+            totals, count = distributed.all_reduce_sums(totals, count, self.group)
+            if count == 0:
+                raise ValueError("loader: the loaders of all ranks produced no batches (an empty loader has no Fisher)")
+        elif self.batches == 0:
+            raise ValueError("loader: produced no batches (an empty loader has no Fisher)")
         result = {}
-        for name, total in zip(self.coverage.names, self.sums.totals):
+        for name, total in zip(self.coverage.names, totals):
             f = total / count
             if not torch.isfinite(f).all():
                 raise ValueError(

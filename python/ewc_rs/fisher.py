@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from . import distributed, sharding
 from .batches import LikelihoodFn
 from .estimation import Estimation
 from .fisher_options import KINDS, parse_options
@@ -39,6 +40,7 @@ def fisher_diag(
     class_dim: int = -1,
     ignore_index: int = -100,
     outputs: Optional[OutputsFn] = None,
+    group: distributed.Group = None,
 ) -> dict[str, torch.Tensor]:
     """Estimates the diagonal Fisher information of ``model`` on the data in ``loader``.
 
@@ -67,6 +69,14 @@ def fisher_diag(
     one backward pass per root; any other parameter (custom modules, RNNs, cross-attention,
     parameters used outside their module) by an exact per-sample pass.
 
+    Data-parallel (README, "Many GPUs"): inside an initialised process group (or with ``group=``)
+    each rank estimates over its own loader (e.g. with a ``DistributedSampler``); the sums of
+    squared per-sample gradients and the sample counts are all-reduced once at the end, so every
+    rank returns the Fisher over the union of the ranks' samples (a rank with an empty loader
+    takes part). ``DistributedDataParallel`` models are keyed by the inner module's names. With
+    FSDP2 (``fully_shard``) the estimation runs on the full weights (gathered once) and each rank
+    gets its shard of F, a DTensor laid out like its parameter shard.
+
     Args:
         model: any module whose log-likelihood is a sum of per-sample terms.
         loader: iterable of ``(inputs, targets)``; inputs a tensor (``model(x)``), a tuple/list
@@ -80,27 +90,39 @@ def fisher_diag(
             unit variance) or a callable ``(model_output, targets) -> [N]`` per-sample
             log-likelihood that receives the model's output as it is (``empirical``/``batched``).
         mc_samples: draws per sample for ``kind="mc"``.
-        num_samples: use at most this many samples (the last batch is cut).
+        num_samples: use at most this many samples (the last batch is cut); per rank under a group.
         progress: show a tqdm bar with samples/s.
-        generator: random generator for ``kind="mc"`` (reproducible draws).
+        generator: random generator for ``kind="mc"`` (reproducible draws). Without one, under a
+            group, each rank draws from its own generator (seeded from the global RNG and the rank).
         class_dim: the class dimension of categorical logits: -1 (the last, as Hugging Face) or 1
             (``[N, C, d1, ...]``, as ``torch.nn.functional.cross_entropy``).
         ignore_index: positions whose target equals it do not count (default -100).
         outputs: a callable that picks the logits from what the model returns; by default a
             tensor is taken as it is, a tuple or list gives its first element, a dict or Hugging
             Face ``ModelOutput`` its ``"logits"``.
+        group: the ``torch.distributed`` process group to estimate over; default: the default
+            group when one is initialised, else none (this process's data only).
 
     Returns:
         ``{name: F}`` for every parameter that requires grad (names of
-        ``model.named_parameters()``), float32, with the parameter's shape and device.
+        ``model.named_parameters()``, of the inner module for DDP), float32, with the parameter's
+        shape and device; DTensors sharded like the parameters for an FSDP2 model.
 
     Raises:
         ValueError: unknown kind or likelihood, empty loader, malformed batch, outputs or targets
             that do not fit the likelihood, labels out of range, a sample whose positions are all
-            ignored, ``exact`` beyond 1024 (position, class) pairs, non-finite results.
+            ignored, ``exact`` beyond 1024 (position, class) pairs, non-finite results; under a
+            group (on every rank): the ranks hold different models, all loaders are empty; a
+            sharded model without a process group.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model = sharding.unwrap(model)
+    group = distributed.resolve_group(group)
+    if group is None and any(sharding.is_sharded(p) for _, p in sharding.named_parameters(model)):
+        raise ValueError("group: the model has sharded (DTensor) parameters but no process group is initialised")
+    if kind == "mc" and generator is None and group is not None:
+        generator = distributed.rank_generator(group, next(model.parameters(), torch.empty(0)).device)
     options = parse_options(
         kind,
         likelihood,
@@ -111,4 +133,6 @@ def fisher_diag(
         ignore_index=ignore_index,
         outputs=outputs,
     )
-    return Estimation(model, options).run(loader, progress=progress)
+    with sharding.full_weights(model) as sharded:
+        fisher = Estimation(model, options, group).run(loader, progress=progress)
+    return {n: sharding.shard_like(f, sharded[n]) if n in sharded else f for n, f in fisher.items()}

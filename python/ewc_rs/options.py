@@ -11,6 +11,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from .sharding import named_parameters
+
 #: What ``params=`` accepts: names, a regex (matched with ``re.search``), or a predicate.
 ParamSelector = Union[None, Sequence[str], str, Pattern[str], Callable[[str, nn.Parameter], bool]]
 
@@ -95,7 +97,8 @@ def selected_parameters(model: nn.Module, selector: Callable[[str, nn.Parameter]
     Raises:
         ValueError: nothing is selected.
     """
-    chosen = {n: p for n, p in model.named_parameters() if p.requires_grad and selector(n, p)}
+    # DDP: the inner module's names; FSDP2: the sharded parameters.
+    chosen = {n: p for n, p in named_parameters(model) if p.requires_grad and selector(n, p)}
     if not chosen:
         raise ValueError("params: the selection matches no parameter of the model that requires grad")
     return chosen

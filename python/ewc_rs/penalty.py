@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, distributed, sharding
 from .tasks import TaskRecord, first_misfit
 
 # Count of owners of a tensor's storage (torch is pinned, so the private helper is stable).
@@ -47,6 +47,8 @@ class FlatGroup:
     dtype: torch.dtype
     star: torch.Tensor
     fisher: torch.Tensor
+    #: FSDP2 parameters (DTensors): ``star`` and ``fisher`` hold this rank's shards only.
+    sharded: bool = False
     # The last gradient buffer. Reused when nothing else holds it any more (the usual case once
     # `zero_grad()` dropped the `.grad` views): a fresh allocation of a large buffer costs page
     # faults that take longer than the pass itself.
@@ -54,23 +56,14 @@ class FlatGroup:
 
     def evaluate(self, lam: float, *, reuse: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         out = self.buffer if reuse and self.buffer is not None and _sole_owner(self.buffer) else None
-        value, flat, views = _core.penalty(self.params, self.star, self.fisher, lam, out)
+        value, flat, views = _core.penalty(self.locals(), self.star, self.fisher, lam, out)
         if reuse:
             self.buffer = flat
         return value, flat, views
 
-
-def _module_links(model: nn.Module) -> list[tuple[dict, str, Any]]:
-    """(dict, key, object) for every submodule and parameter slot of ``model``.
-
-    While each ``dict[key] is object`` still holds, ``model.named_parameters()`` would return the
-    same parameter objects under the same names, so a plan built on them is still valid.
-    """
-    links: list[tuple[dict, str, Any]] = []
-    for module in model.modules():
-        links.extend((module._modules, k, v) for k, v in module._modules.items())
-        links.extend((module._parameters, k, v) for k, v in module._parameters.items())
-    return links
+    def locals(self) -> list[torch.Tensor]:
+        """The parameters as the Rust pass reads them: this rank's shards of DTensors."""
+        return [sharding.local(p) for p in self.params] if self.sharded else self.params
 
 
 @dataclass
@@ -87,15 +80,20 @@ class Evaluation:
 class PenaltyPlan:
     """Everything a training step needs: parameters in order, their groups, and the constant."""
 
-    model: nn.Module
+    model: nn.Module  # unwrapped from DDP
     names: list[str]
     params: list[torch.Tensor]
     groups: list[FlatGroup]
     const: float
+    #: FSDP2: the constant of this rank's shards, and the group the sharded part is summed over.
+    sharded_const: float = 0.0
+    group: distributed.Group = None
+    # (dict, key, object) links: while each ``dict[key] is object`` holds, the model would give
+    # the same parameter objects under the same names, so the plan is still valid.
     links: list[tuple[dict, str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.links = _module_links(self.model)
+        self.links = sharding.parameter_links(self.model)
 
     @classmethod
     def build(cls, model: nn.Module, tasks: Sequence[TaskRecord], storage_dtype: torch.dtype) -> PenaltyPlan:
@@ -111,24 +109,31 @@ class PenaltyPlan:
             storage_dtype: dtype of the flat θ* and F buffers.
 
         Returns:
-            The plan, one :class:`FlatGroup` per (device, dtype) of the parameters.
+            The plan, one :class:`FlatGroup` per (device, dtype, sharded) of the parameters (FSDP2
+            parameters: their local shards, the value summed over the mesh's group).
 
         Raises:
             ValueError: a consolidated parameter is missing from ``model`` or changed shape.
         """
-        named = dict(model.named_parameters())
+        model = sharding.unwrap(model)
+        named = dict(sharding.named_parameters(model))
         _check_fits(tasks, named)
         names = sorted({n for task in tasks for n in task.fisher})
         params: list[torch.Tensor] = [named[n] for n in names]
-        by_group: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        by_group: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
         for i, p in enumerate(params):
-            by_group.setdefault((p.device, p.dtype), []).append(i)
-        groups, const = [], 0.0
-        for (device, dtype), index in by_group.items():
+            by_group.setdefault((p.device, p.dtype, sharding.is_sharded(p)), []).append(i)
+        groups, consts = [], [0.0, 0.0]  # plain, sharded
+        for (device, dtype, sharded), index in by_group.items():
             stars, fishers = [], []
             for i in index:
                 m, f_tot, c = _fold_parameter(tasks, names[i], device)
-                const += c
+                if m.shape != sharding.local(params[i]).shape:
+                    raise ValueError(
+                        f"model: parameter '{names[i]}' holds a shard of shape {list(sharding.local(params[i]).shape)} "
+                        f"but its stored F and θ* a shard of shape {list(m.shape)}: load the state for this mesh"
+                    )
+                consts[sharded] += c
                 stars.append(m.reshape(-1))
                 fishers.append(f_tot.reshape(-1))
             groups.append(
@@ -139,13 +144,15 @@ class PenaltyPlan:
                     dtype=dtype,
                     star=torch.cat(stars).to(storage_dtype),
                     fisher=torch.cat(fishers).to(storage_dtype),
+                    sharded=sharded,
                 )
             )
-        return cls(model, names, params, groups, max(const, 0.0))
+        group = distributed.mesh_group(params)
+        return cls(model, names, params, groups, max(consts[0], 0.0), max(consts[1], 0.0), group)
 
     def matches(self, model: nn.Module) -> bool:
         """Same model, same parameter objects, each group still on its device and dtype."""
-        if model is not self.model or not all(d.get(k) is o for d, k, o in self.links):
+        if sharding.unwrap(model) is not self.model or not all(d.get(k) is o for d, k, o in self.links):
             return False
         return all(p.device == g.device and p.dtype == g.dtype for g in self.groups for p in g.params)
 
@@ -158,14 +165,22 @@ class PenaltyPlan:
             values.append(value)
             flats.append(flat)
             for i, v in zip(g.index, views):
-                grads[i] = v
+                grads[i] = sharding.grad_like(v, self.params[i]) if g.sharded else v
         return Evaluation(self._value(values, lam), flats, grads)
 
     def _value(self, group_values: list[torch.Tensor], lam: float) -> torch.Tensor:
-        """The penalty from its per-group parts, plus the constant of the folded tasks."""
-        total = group_values[0]
-        for v in group_values[1:]:
-            total = total + v.to(total.device)
+        """The penalty from its per-group parts, plus the constant of the folded tasks; the
+        sharded groups' part summed over the ranks (one scalar all-reduce)."""
+        sharded = [v for g, v in zip(self.groups, group_values) if g.sharded]
+        plain = [v for g, v in zip(self.groups, group_values) if not g.sharded]
+        total = None
+        if sharded:
+            local = _sum(sharded) + 0.5 * lam * self.sharded_const
+            total = distributed.all_reduce_(local.float().clone(), self.group, op="penalty_all_reduce")
+        if plain:
+            part = _sum(plain)
+            total = part if total is None else total.to(part.device) + part
+        assert total is not None, "a plan has at least one group"
         return total + 0.5 * lam * self.const if self.const else total
 
     def add_to_grads(self, lam: float, scale: float) -> torch.Tensor:
@@ -174,6 +189,13 @@ class PenaltyPlan:
         values = []
         for g in self.groups:
             params = g.params
+            if g.sharded:  # this rank's shards: flat gradient, added to the DTensor .grad's local part
+                value, flat, views = _core.penalty(g.locals(), g.star, g.fisher, lam)
+                if scale != 1.0:
+                    flat.mul_(scale)
+                sharding.add_local_grads([p for p in params], views)
+                values.append(value)
+                continue
             if g.device.type == "cpu":  # one fused pass straight into the .grad memory
                 value, pending = _core.penalty_add_to_grads(params, g.star, g.fisher, lam, scale)
             else:  # flat gradient, then one multi-tensor add
@@ -208,6 +230,13 @@ def zero_penalty(model: nn.Module) -> torch.Tensor:
     return torch.zeros((), device=first.device if first is not None else None)
 
 
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    total = values[0]
+    for v in values[1:]:
+        total = total + v.to(total.device)
+    return total
+
+
 def _check_fits(tasks: Sequence[TaskRecord], named: dict[str, nn.Parameter]) -> None:
     misfit = first_misfit(tasks, {n: p.shape for n, p in named.items()})
     if misfit is None:
@@ -223,7 +252,10 @@ def _fold_parameter(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(m, F, c) of one parameter over the tasks that store it, in float64 on ``device``."""
     terms = [
-        (task.fisher[name].to(device, torch.float64), task.star[name].to(device, torch.float64))
+        (
+            sharding.local(task.fisher[name]).to(device, torch.float64),
+            sharding.local(task.star[name]).to(device, torch.float64),
+        )
         for task in tasks
         if name in task.fisher
     ]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed, sharding
 from .options import MODES, NORM_STATS, check_choice, check_gamma, check_lam
 from .tasks import TaskRecord, first_misfit
 
@@ -74,8 +75,24 @@ def from_state_dict(state: Any, model: nn.Module) -> EWCState:
     Raises:
         ValueError: wrong version, bad config values, a task without matching F/θ* tensors,
             non-finite F or θ*, negative F, or a stored parameter that ``model`` lacks or holds
-            with another shape.
+            with another shape. For a sharded (FSDP2) model: a DTensor laid out otherwise than
+            its parameter, and on every rank when any rank's part fails (one 4-byte all-reduce).
     """
+    named = dict(sharding.named_parameters(model))
+    group = distributed.mesh_group(list(named.values()))
+    if group is None:
+        return _from_state_dict(state, named)
+    try:
+        loaded, error = _from_state_dict(state, named), None
+    except ValueError as e:
+        loaded, error = None, e
+    if distributed.any_rank(error is not None, group, next(iter(named.values())).device):
+        raise error or ValueError("state: another rank of the process group could not load its part of the state")
+    assert loaded is not None
+    return loaded
+
+
+def _from_state_dict(state: Any, named: dict[str, nn.Parameter]) -> EWCState:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"state: expected an EWC state dict of version {STATE_VERSION}")
     lam = check_lam(state.get("lam"))
@@ -90,8 +107,9 @@ def from_state_dict(state: Any, model: nn.Module) -> EWCState:
     if not isinstance(tasks, list) or (mode == "online" and len(tasks) > 1):
         raise ValueError(f"state: '{TASKS_KEY}' (the stored tasks) must be a list (at most one task in online mode)")
     clean = [_task_from_dict(t, task, storage) for t, task in enumerate(tasks)]
-    _check_fits_model(clean, model)
-    return EWCState(lam, mode, gamma, norm_stats, storage, clean)
+    _check_fits_model(clean, named)
+    placed = [TaskRecord(_place(task.fisher, named), _place(task.star, named)) for task in clean]
+    return EWCState(lam, mode, gamma, norm_stats, storage, placed)
 
 
 def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
@@ -104,6 +122,7 @@ def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
         f, s = fisher[n], star[n]
         if not isinstance(f, torch.Tensor) or not isinstance(s, torch.Tensor) or f.shape != s.shape:
             raise ValueError(f"state: task {t}, parameter '{n}': F and θ* must be tensors of one shape")
+        f, s = sharding.local(f), sharding.local(s)  # this rank's part (the other ranks check theirs)
         if not (torch.isfinite(f.float()).all() and torch.isfinite(s.float()).all()):
             raise ValueError(f"state: task {t}, parameter '{n}': F or θ* has non-finite values")
         if (f < 0).any():
@@ -114,9 +133,30 @@ def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
     )
 
 
-def _check_fits_model(tasks: list[TaskRecord], model: nn.Module) -> None:
+def _place(tensors: dict[str, torch.Tensor], named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Each tensor laid out like its parameter: a full tensor for a sharded parameter becomes this
+    rank's shard; a DTensor must already be laid out like its parameter."""
+    out = {}
+    for n, t in tensors.items():
+        p = named[n]
+        if not sharding.is_sharded(t):
+            out[n] = sharding.shard_like(t.to(p.device), p) if sharding.is_sharded(p) else t
+            continue
+        if not sharding.is_sharded(p):
+            raise ValueError(f"state: parameter '{n}' is stored sharded (a DTensor) but the model's parameter is not")
+        if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):  # type: ignore[attr-defined]
+            raise ValueError(
+                f"state: parameter '{n}' is stored on mesh {t.device_mesh} as {tuple(t.placements)}, but the "  # type: ignore[attr-defined]
+                f"model's parameter is on mesh {p.device_mesh} as {tuple(p.placements)}: load a checkpoint of "  # type: ignore[attr-defined]
+                "another layout with ewc_rs.checkpoint.load, which re-shards it"
+            )
+        out[n] = t
+    return out
+
+
+def _check_fits_model(tasks: list[TaskRecord], named: dict[str, nn.Parameter]) -> None:
     # At load time, not at the first penalty: a state for another model fails where it is loaded.
-    misfit = first_misfit(tasks, {n: p.shape for n, p in model.named_parameters()})
+    misfit = first_misfit(tasks, {n: p.shape for n, p in named.items()})
     if misfit is None:
         return
     n, stored, shape = misfit
@@ -127,19 +167,25 @@ def _check_fits_model(tasks: list[TaskRecord], model: nn.Module) -> None:
 def write_file(state: EWCState, path: str) -> None:
     """Writes ``state`` to a safetensors file (tensors on CPU, config and layout as metadata).
 
+    Sharded (FSDP2) F and θ* are gathered first (a collective: every rank calls this) and only
+    rank 0 writes the file.
+
     Args:
         state: the config and tasks of an ``EWC``.
         path: file to write.
     """
     from safetensors.torch import save_file
 
-    tensors, layout = {}, []
+    tensors, layout, group = {}, [], None
     for t, task in enumerate(state.tasks):
         names = sorted(task.fisher)
         layout.append(names)
         for i, n in enumerate(names):
-            tensors[f"{t}.fisher.{i}"] = task.fisher[n].detach().cpu().contiguous()
-            tensors[f"{t}.star.{i}"] = task.star[n].detach().cpu().contiguous()
+            group = group or distributed.mesh_group([task.fisher[n]])
+            tensors[f"{t}.fisher.{i}"] = sharding.gather(task.fisher[n]).detach().cpu().contiguous()
+            tensors[f"{t}.star.{i}"] = sharding.gather(task.star[n]).detach().cpu().contiguous()
+    if group is not None and distributed.rank(group) != 0:
+        return
     config = to_state_dict(state)
     meta = {k: config[k] for k in _CONFIG_KEYS}
     save_file(tensors, path, metadata={"ewc_rs": json.dumps({**meta, "layout": layout})})

@@ -1,0 +1,90 @@
+"""``EWC`` states through ``torch.distributed.checkpoint`` (DCP): sharded saves and loads, into the
+same or another world size.
+
+Under FSDP2 ``EWC.state_dict()`` holds DTensors (each rank's shards of F and θ*), which DCP saves
+as they are (every rank writes its shards). Loading needs a state dict of the right structure to
+load into; :func:`load` builds it from the checkpoint's metadata and the model's parameters (its
+shards laid out like the model's, whatever the world size that saved it), lets DCP re-shard, and
+hands the result to ``EWC.load_state_dict`` (which checks it; on error nothing changes).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .persistence import TASKS_KEY
+from .sharding import named_parameters
+
+if TYPE_CHECKING:
+    from .ewc import EWC
+
+
+def save(ewc: EWC, checkpoint_id: str) -> None:
+    """Saves ``ewc.state_dict()`` with ``torch.distributed.checkpoint.save`` (call on every rank).
+
+    Args:
+        ewc: the EWC object.
+        checkpoint_id: the checkpoint's folder.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(ewc.state_dict(), checkpoint_id=checkpoint_id)
+
+
+def template(ewc: EWC, checkpoint_id: str) -> dict[str, Any]:
+    """A state dict shaped like the checkpoint's, with tensors laid out like ``ewc``'s model's
+    parameters (DTensors for sharded ones): what ``dcp.load`` fills in.
+
+    Args:
+        ewc: the EWC object whose model the state is for.
+        checkpoint_id: the checkpoint's folder.
+
+    Returns:
+        The state dict to load into.
+
+    Raises:
+        ValueError: the checkpoint is not an EWC state, or names a parameter the model lacks or
+            holds with another shape (the same on every rank: it reads the same metadata).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
+    paths = metadata.planner_data or {}
+    params = dict(named_parameters(ewc._model))
+    state: dict[str, Any] = {"version": 0, "lam": 0.0, "mode": "", "gamma": 0.0, "norm_stats": "", "storage_dtype": ""}
+    tasks: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        path = paths.get(key, (key,))
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        if len(path) != 4 or path[0] != TASKS_KEY or path[2] not in ("fisher", "star"):
+            raise ValueError(f"checkpoint_id: {checkpoint_id} holds '{key}', which is not part of an EWC state")
+        t, kind, name = int(path[1]), str(path[2]), str(path[3])
+        p = params.get(name)
+        if p is None or tuple(p.shape) != tuple(meta.size):
+            has = "the model has no such parameter" if p is None else f"the model's has shape {list(p.shape)}"
+            raise ValueError(f"checkpoint_id: parameter '{name}' is stored with shape {list(meta.size)}, but {has}")
+        entry = tasks.setdefault(t, {"fisher": {}, "star": {}})
+        entry[kind][name] = torch.zeros_like(p, dtype=meta.properties.dtype, requires_grad=False).detach()
+    state[TASKS_KEY] = [tasks[t] for t in sorted(tasks)]
+    return state
+
+
+def load(ewc: EWC, checkpoint_id: str) -> None:
+    """Loads a checkpoint from :func:`save`, of any world size, into ``ewc`` (call on every rank).
+
+    Args:
+        ewc: the EWC object (its model, possibly ``fully_shard``-ed, gives the layout).
+        checkpoint_id: the checkpoint's folder.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model (on every rank; ``ewc`` is unchanged).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    state = template(ewc, checkpoint_id)
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    ewc.load_state_dict(state)
