@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +99,26 @@ def _perturb(model: nn.Module, seed: int) -> None:
             p.add_(sharding.shard_like(d, p) if sharding.is_sharded(p) else d)
 
 
+@contextmanager
+def _watch_fallback() -> Iterator[list[str]]:
+    """Collects the names of the parameters an estimation sent to the exact fallback (under FSDP2
+    the layers must still get their rules, not the fallback)."""
+    from ewc_rs import estimation
+
+    names: list[str] = []
+    original = estimation.Estimation.result
+
+    def result(self: Any) -> dict[str, Tensor]:
+        names.extend(self.coverage.names[s] for s in sorted(self.coverage.fallback))
+        return original(self)
+
+    estimation.Estimation.result = result  # type: ignore[method-assign]
+    try:
+        yield names
+    finally:
+        estimation.Estimation.result = original  # type: ignore[method-assign]
+
+
 def _fsdp_model(seed: int, world: int, device: torch.device) -> nn.Module:
     """The model with its first Linear as one FSDP2 unit and the root (LayerNorm, last Linear) as another."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -177,8 +199,9 @@ def fsdp_job(rank: int, world: int, seed: int, out: Path, device: torch.device) 
     model = _fsdp_model(seed, world, device)
     loader = rank_batches(seed, rank, world, empty_last=world == 3)
     distributed.reset_counter()
-    fisher = fisher_diag(model, loader)
-    result: dict[str, Any] = {"fisher_comm": distributed.comm_stats()}
+    with _watch_fallback() as fallback:
+        fisher = fisher_diag(model, loader)
+    result: dict[str, Any] = {"fisher_comm": distributed.comm_stats(), "fallback": fallback}
     params = dict(sharding.named_parameters(model))
     result["layout"] = {
         n: (type(f).__name__, list(f.to_local().shape), list(params[n].to_local().shape))  # type: ignore[attr-defined]

@@ -165,6 +165,7 @@ def test_fsdp2_sharded_fisher_penalty_and_resharded_checkpoints(tmp_path: Path, 
                 continue
             err = relative_error(res["fisher"], fisher)
             assert err < TOL, f"{what}: rank {r} Fisher off by {err:.2e}"
+            assert res["fallback"] == [], f"{what}: rank {r}: FSDP2 layers lost their rules: {res['fallback']}"
             for n, (kind, f_local, p_local) in res["layout"].items():
                 assert kind == "DTensor" and f_local == p_local, f"{what}: rank {r} F of '{n}' is {kind} {f_local}"
             comm = res["fisher_comm"]

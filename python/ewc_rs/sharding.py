@@ -127,9 +127,9 @@ def parameter_links(model: nn.Module) -> list[tuple[dict, str, Any]]:
 @contextmanager
 def full_weights(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
     """Inside: every FSDP2 parameter of ``model`` replaced by a plain parameter holding the full
-    weight (one all-gather per parameter, on every rank), and FSDP2's forward hooks set aside, so
-    that forward and backward passes run as in an unsharded model without collectives. Restored
-    on exit. Nothing happens for a model without FSDP2 parameters.
+    weight (one all-gather per parameter, on every rank), FSDP2's forward hooks set aside and each
+    module back in its own class, so that forward and backward passes run as in an unsharded
+    model, with the layer rules and without collectives. Restored on exit. Nothing happens for a model without FSDP2 parameters.
 
     Args:
         model: the unwrapped model.
@@ -144,6 +144,7 @@ def full_weights(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
         return
     slots: list[tuple[dict, str, Any]] = []
     hooks: list[tuple[dict, dict]] = []
+    classes: list[tuple[nn.Module, type]] = []
     try:
         for fp in fsdp_params:
             sp = fp.sharded_param
@@ -159,13 +160,25 @@ def full_weights(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
                 hooks.append((d, dict(d)))
                 for key in [k for k, h in d.items() if getattr(h, "__self__", None) is state]:
                     del d[key]
+            # FSDP2 gives each module a subclass (`FSDPLinear`); the layer rules key on the exact type.
+            classes.append((m, type(m)))
+            m.__class__ = _original_class(type(m))
         yield sharded
     finally:
+        for m, cls in classes:
+            m.__class__ = cls
         for d, saved in hooks:
             d.clear()
             d.update(saved)
         for d, k, original in reversed(slots):
             d[k] = original
+
+
+def _original_class(cls: type) -> type:
+    """The module class that FSDP2's dynamic subclass ``FSDP<cls>`` was made from."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
 
 
 def shard_like(full: torch.Tensor, param: Any) -> torch.Tensor:

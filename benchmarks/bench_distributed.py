@@ -1,0 +1,161 @@
+"""Data-parallel EWC on one machine: bytes communicated and time at world size 1 vs 2.
+
+Spawns ``world`` CPU processes with gloo (one intra-op thread each: world size 2 uses two cores
+where world size 1 uses one; on a small shared machine more threads per process only spin) and, for DDP and FSDP2 (``fully_shard`` on a CPU device mesh), per
+rank: a Fisher estimation over its share of ``--samples`` samples (the union is the same at every
+world size), then penalty steps (``ewc.penalty(model).backward()``). The library's collectives
+are read from ``ewc_rs.distributed``'s counter (calls and bytes per operation on one rank):
+
+- target per estimation: one all-reduce of the Fisher's size (+ the count) and a 24-byte check
+  that the ranks hold the same model; FSDP2 also gathers the full weights once;
+- target per penalty step: nothing for DDP (replicated parameters), one 4-byte scalar for FSDP2.
+
+Model: the seed article's MLP (79.5k parameters) or ``permuted_mlp`` (269k). Writes
+``benchmarks/results/distributed_cpu.json``.
+
+Usage: ``python benchmarks/bench_distributed.py [--worlds 1 2] [--samples 1024] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+MODELS = ("seed_mlp", "permuted_mlp")
+
+
+def _model(name: str) -> torch.nn.Module:
+    from ewc_rs.demo.models import permuted_mlp, seed_model
+
+    return seed_model(0) if name == "seed_mlp" else permuted_mlp(0)
+
+
+def _batches(rank: int, world: int, samples: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(samples, 1, 28, 28, generator=g), torch.randint(0, 10, (samples,), generator=g)
+    idx = list(range(rank, samples, world))
+    return [(x[idx[i : i + batch]], y[idx[i : i + batch]]) for i in range(0, len(idx), batch)]
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ewc_rs import EWC, distributed, fisher_diag
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        loader = _batches(rank, world, args.samples, args.batch)
+        result: dict[str, Any] = {}
+        for mode in args.modes:
+            model = _model(args.model)
+            if mode == "ddp":
+                model = DistributedDataParallel(model)
+            else:
+                for layer in model:
+                    if isinstance(layer, torch.nn.Linear):
+                        fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
+                fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            fisher_diag(model, loader[:1], kind=args.kind)  # warm-up
+            distributed.reset_counter()
+            fisher_diag(model, loader, kind=args.kind)
+            fisher_comm = distributed.comm_stats()
+            dist.barrier()
+            fisher_s = _timed(lambda: fisher_diag(model, loader, kind=args.kind), args.repeats)
+            ewc = EWC(model, lam=1.0)
+            ewc.consolidate(loader[:1], kind=args.kind)
+            ewc.penalty(model).backward()  # warm-up (builds the plan)
+            distributed.reset_counter()
+            ewc.penalty(model).backward()
+            penalty_comm = distributed.comm_stats()
+            dist.barrier()
+            penalty_s = _timed(lambda: ewc.penalty(model).backward(), 20 * args.repeats)
+            numel = sum(p.numel() for p in model.parameters())
+            result[mode] = {
+                "fisher_s": fisher_s,
+                "penalty_step_s": penalty_s,
+                "fisher_comm": fisher_comm,
+                "penalty_comm": penalty_comm,
+                "fisher_bytes_target": 4 * (numel + 2),
+            }
+        if rank == 0:
+            Path(out, f"world{world}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    import torch.multiprocessing as mp
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
+    parser.add_argument("--model", default="seed_mlp", choices=MODELS)
+    parser.add_argument("--kind", default="exact")
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
+    args = parser.parse_args()
+
+    per_world: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as out:
+        for world in args.worlds:
+            ctx = mp.start_processes(
+                _worker, args=(world, _free_port(), args, out), nprocs=world, join=False, start_method="spawn"
+            )
+            deadline = time.monotonic() + args.timeout
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise SystemExit(f"world size {world} did not finish in {args.timeout} s")
+            per_world[str(world)] = json.loads(Path(out, f"world{world}.json").read_text())
+    for world, modes in per_world.items():
+        for mode, r in modes.items():
+            fc, pc = r["fisher_comm"], r["penalty_comm"]
+            print(
+                f"world {world} {mode:6s} Fisher {r['fisher_s'] * 1e3:8.1f} ms, {fc['total_calls']} collectives "
+                f"{fc['bytes']} (target {r['fisher_bytes_target']} B) | penalty step {r['penalty_step_s'] * 1e6:7.1f} µs, "
+                f"{pc['bytes']}"
+            )
+    config = {k: getattr(args, k) for k in ("model", "kind", "samples", "batch", "repeats")}
+    path = write_results("distributed_cpu.json", {"config": config, "results": per_world})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
