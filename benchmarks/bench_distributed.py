@@ -69,7 +69,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
     )
     try:
         loader = _batches(rank, world, args.samples, args.batch)

@@ -87,7 +87,7 @@ class EWC:
         Args:
             loader: iterable of ``(inputs, targets)`` batches of the task just learned.
             kind: Fisher kind (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
-            **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, progress, ...).
+            **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, group, ...).
 
         Returns:
             The new task's Fisher ``{name: F}`` (float32), as estimated.
@@ -207,7 +207,7 @@ class EWC:
         """Writes the state to a safetensors file.
 
         Args:
-            path: file to write.
+            path: file to write (FSDP2: every rank calls this; rank 0 writes the gathered F and θ*).
         """
         persistence.write_file(self._state(), path)
 
