@@ -1,9 +1,10 @@
 """Data-parallel EWC on one machine: bytes communicated and time at world size 1 vs 2.
 
 Spawns ``world`` CPU processes with gloo (one intra-op thread each: world size 2 uses two cores
-where world size 1 uses one; on a small shared machine more threads per process only spin) and, for DDP and FSDP2 (``fully_shard`` on a CPU device mesh), per
-rank: a Fisher estimation over its share of ``--samples`` samples (the union is the same at every
-world size), then penalty steps (``ewc.penalty(model).backward()``). The library's collectives
+where world size 1 uses one; on a small shared machine more threads per process only spin) and,
+for DDP and FSDP2 (``fully_shard`` on a CPU device mesh), per rank: a Fisher estimation over its
+share of ``--samples`` samples (the union is the same at every world size), then penalty steps
+(``zero_grad``, ``ewc.penalty(model).backward()``). The library's collectives
 are read from ``ewc_rs.distributed``'s counter (calls and bytes per operation on one rank):
 
 - target per estimation: one all-reduce of the Fisher's size (+ the count) and a 24-byte check
@@ -59,13 +60,62 @@ def _timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    import torch.distributed as dist
+def _wrap(mode: str, world: int, model: torch.nn.Module) -> torch.nn.Module:
+    """DDP, or FSDP2 with each Linear layer and the root as units on a CPU mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    if mode == "ddp":
+        return DistributedDataParallel(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _measure(model: torch.nn.Module, loader: list, args: argparse.Namespace) -> dict[str, Any]:
+    """One rank's Fisher and penalty-step times and collectives."""
+    import torch.distributed as dist
+
     from ewc_rs import EWC, distributed, fisher_diag
+
+    def estimate() -> None:
+        fisher_diag(model, loader, kind=args.kind)
+
+    fisher_diag(model, loader[:1], kind=args.kind)  # warm-up
+    distributed.reset_counter()
+    estimate()
+    fisher_comm = distributed.comm_stats()
+    dist.barrier()
+    fisher_s = _timed(estimate, args.repeats)
+    ewc = EWC(model, lam=1.0)
+    ewc.consolidate(loader[:1], kind=args.kind)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        ewc.penalty(model).backward()
+
+    step()  # warm-up (builds the plan)
+    distributed.reset_counter()
+    step()
+    penalty_comm = distributed.comm_stats()
+    dist.barrier()
+    penalty_s = _timed(step, 20 * args.repeats)
+    numel = sum(p.numel() for p in model.parameters())
+    return {
+        "fisher_s": fisher_s,
+        "penalty_step_s": penalty_s,
+        "fisher_comm": fisher_comm,
+        "penalty_comm": penalty_comm,
+        "fisher_bytes_target": 4 * (numel + 2),
+    }
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -77,38 +127,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     )
     try:
         loader = _batches(rank, world, args.samples, args.batch)
-        result: dict[str, Any] = {}
-        for mode in args.modes:
-            model = _model(args.model)
-            if mode == "ddp":
-                model = DistributedDataParallel(model)
-            else:
-                for layer in model:
-                    if isinstance(layer, torch.nn.Linear):
-                        fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
-                fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-            fisher_diag(model, loader[:1], kind=args.kind)  # warm-up
-            distributed.reset_counter()
-            fisher_diag(model, loader, kind=args.kind)
-            fisher_comm = distributed.comm_stats()
-            dist.barrier()
-            fisher_s = _timed(lambda: fisher_diag(model, loader, kind=args.kind), args.repeats)
-            ewc = EWC(model, lam=1.0)
-            ewc.consolidate(loader[:1], kind=args.kind)
-            ewc.penalty(model).backward()  # warm-up (builds the plan)
-            distributed.reset_counter()
-            ewc.penalty(model).backward()
-            penalty_comm = distributed.comm_stats()
-            dist.barrier()
-            penalty_s = _timed(lambda: ewc.penalty(model).backward(), 20 * args.repeats)
-            numel = sum(p.numel() for p in model.parameters())
-            result[mode] = {
-                "fisher_s": fisher_s,
-                "penalty_step_s": penalty_s,
-                "fisher_comm": fisher_comm,
-                "penalty_comm": penalty_comm,
-                "fisher_bytes_target": 4 * (numel + 2),
-            }
+        result = {mode: _measure(_wrap(mode, world, _model(args.model)), loader, args) for mode in args.modes}
         if rank == 0:
             Path(out, f"world{world}.json").write_text(json.dumps(result))
     finally:
@@ -153,8 +172,8 @@ def main() -> None:
             fc, pc = r["fisher_comm"], r["penalty_comm"]
             print(
                 f"world {world} {mode:6s} Fisher {r['fisher_s'] * 1e3:8.1f} ms, {fc['total_calls']} collectives "
-                f"{fc['bytes']} (target {r['fisher_bytes_target']} B) | penalty step {r['penalty_step_s'] * 1e6:7.1f} µs, "
-                f"{pc['bytes']}"
+                f"{fc['bytes']} (target {r['fisher_bytes_target']} B) | "
+                f"penalty step {r['penalty_step_s'] * 1e6:7.1f} µs, {pc['bytes']}"
             )
     config = {k: getattr(args, k) for k in ("model", "kind", "samples", "batch", "repeats")}
     path = write_results("distributed_cpu.json", {"config": config, "results": per_world})

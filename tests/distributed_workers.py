@@ -187,6 +187,11 @@ def ddp_job(rank: int, world: int, seed: int, out: Path, device: torch.device) -
     _perturb(model, seed)
     result.update(_penalty_checks(ddp, ewc))
     result["step_grads"] = _training_step(ddp, ewc, seed, rank, device)
+    try:  # every rank's loader empty: the same error on every rank, no hang
+        fisher_diag(ddp, [])
+        result["all_empty_error"] = ""
+    except ValueError as e:
+        result["all_empty_error"] = str(e)
     torch.manual_seed(seed)
     result["mc_draw"] = torch.rand(4, generator=distributed.rank_generator(dist.group.WORLD, device)).cpu()
     return result

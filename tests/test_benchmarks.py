@@ -65,3 +65,18 @@ def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
     assert fisher["relative_error"] <= 1e-4, fisher
     assert fisher["time_ratio"] > 0 and set(fisher["median_s"]) == {"fwd_bwd", "ewc_rs:empirical"}, fisher
     assert penalty["value_rel_err"] <= 1e-5 and penalty["grad_max_rel_err"] <= 1e-5, penalty
+
+
+def test_bench_distributed_runs_and_meets_the_communication_target(tmp_path: Path) -> None:
+    """World size 2, DDP and FSDP2: per estimation one all-reduce of the Fisher's size (+ the count)
+    and the 24-byte model check (FSDP2: plus one gather of the weights); per penalty step nothing
+    (DDP) or one 4-byte scalar (FSDP2)."""
+    res = run("bench_distributed.py", ["--worlds", "2", "--samples", "64", "--repeats", "1"], tmp_path)
+    for mode, r in res["results"]["2"].items():
+        sent = r["fisher_comm"]["bytes"]
+        assert sent["fisher_all_reduce"] == r["fisher_bytes_target"] and sent["model_check"] == 24, (mode, sent)
+        assert set(sent) == ({"fisher_all_reduce", "model_check"} | ({"all_gather"} if mode == "fsdp2" else set())), (
+            sent
+        )
+        assert r["penalty_comm"]["bytes"] == ({"penalty_all_reduce": 4} if mode == "fsdp2" else {}), (mode, r)
+        assert r["fisher_s"] > 0 and r["penalty_step_s"] > 0, (mode, r)

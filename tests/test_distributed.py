@@ -138,6 +138,9 @@ def test_ddp_fisher_penalty_and_step_match_the_reference(tmp_path: Path, seed: i
         assert res["backward_comm"]["total_calls"] == 0, f"{what}: replicated penalty needs no collective"
         err = relative_error(res["step_grads"], step)
         assert err < TOL, f"{what}: rank {r} training-step gradient (DDP average + penalty) off by {err:.2e}"
+        assert "loaders of all ranks produced no batches" in res["all_empty_error"], (
+            f"{what}: {res['all_empty_error']!r}"
+        )
     draws = [res["mc_draw"] for res in results]
     assert all(not torch.equal(draws[0], d) for d in draws[1:]), f"mc draws repeat across ranks (seed={seed})"
 

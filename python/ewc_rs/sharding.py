@@ -127,7 +127,8 @@ def full_weights(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
     """Inside: every FSDP2 parameter of ``model`` replaced by a plain parameter holding the full
     weight (one all-gather per parameter, on every rank), FSDP2's forward hooks set aside and each
     module back in its own class, so that forward and backward passes run as in an unsharded
-    model, with the layer rules and without collectives. Restored on exit. Nothing happens for a model without FSDP2 parameters.
+    model, with the layer rules and without collectives. Restored on exit. Nothing happens for a
+    model without FSDP2 parameters.
 
     Args:
         model: the unwrapped model.
@@ -146,9 +147,7 @@ def full_weights(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
     try:
         for fp in fsdp_params:
             sp = fp.sharded_param
-            full = sp.full_tensor().detach()
-            distributed.count_gather(full.numel() * full.element_size())
-            plain = nn.Parameter(full, requires_grad=sp.requires_grad)
+            plain = nn.Parameter(gather(sp).detach(), requires_grad=sp.requires_grad)
             for mod, k in _owners(fp):
                 slots.append((mod._parameters, k, mod._parameters[k]))
                 mod._parameters[k] = plain
