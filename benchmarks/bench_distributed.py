@@ -11,10 +11,14 @@ are read from ``ewc_rs.distributed``'s counter (calls and bytes per operation on
   that the ranks hold the same model; FSDP2 also gathers the full weights once;
 - target per penalty step: nothing for DDP (replicated parameters), one 4-byte scalar for FSDP2.
 
+Times: wall-clock medians over interleaved rounds, and the CPU time of rank 0's process (the
+work split over the ranks, which a machine busy with other jobs does not blur as it blurs the
+wall time: a rank waiting in a collective for a rank without a core is idle, not busy).
+
 Model: the seed article's MLP (79.5k parameters) or ``permuted_mlp`` (269k). Writes
 ``benchmarks/results/distributed_cpu.json``.
 
-Usage: ``python benchmarks/bench_distributed.py [--worlds 1 2] [--samples 1024] [--repeats 3]``
+Usage: ``python benchmarks/bench_distributed.py [--worlds 1 2] [--samples 8192] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import socket
 import statistics
 import sys
@@ -51,13 +56,15 @@ def _batches(rank: int, world: int, samples: int, batch: int) -> list[tuple[torc
     return [(x[idx[i : i + batch]], y[idx[i : i + batch]]) for i in range(0, len(idx), batch)]
 
 
-def _timed(fn: Any, repeats: int) -> float:
-    times = []
+def _timed(fn: Any, repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of this process (seconds) of ``fn()``."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _wrap(mode: str, world: int, model: torch.nn.Module) -> torch.nn.Module:
@@ -90,7 +97,7 @@ def _measure(model: torch.nn.Module, loader: list, args: argparse.Namespace) -> 
     estimate()
     fisher_comm = distributed.comm_stats()
     dist.barrier()
-    fisher_s = _timed(estimate, args.repeats)
+    fisher_s, fisher_cpu_s = _timed(estimate, args.repeats)
     ewc = EWC(model, lam=1.0)
     ewc.consolidate(loader[:1], kind=args.kind)
 
@@ -103,10 +110,11 @@ def _measure(model: torch.nn.Module, loader: list, args: argparse.Namespace) -> 
     step()
     penalty_comm = distributed.comm_stats()
     dist.barrier()
-    penalty_s = _timed(step, 20 * args.repeats)
+    penalty_s, _ = _timed(step, 20 * args.repeats)
     numel = sum(p.numel() for p in model.parameters())
     return {
         "fisher_s": fisher_s,
+        "fisher_cpu_s": fisher_cpu_s,
         "penalty_step_s": penalty_s,
         "fisher_comm": fisher_comm,
         "penalty_comm": penalty_comm,
@@ -140,43 +148,65 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main() -> None:
+def _spawn(world: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    """One run at ``world`` ranks; rank 0's measurements."""
     import torch.multiprocessing as mp
 
+    ctx = mp.start_processes(
+        _worker, args=(world, _free_port(), args, out), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + args.timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise SystemExit(f"world size {world} did not finish in {args.timeout} s")
+    return json.loads(Path(out, f"world{world}.json").read_text())  # type: ignore[no-any-return]
+
+
+def _median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per mode: the median times over the rounds (the collectives are the same in every round)."""
+    out = {}
+    for mode, first in rounds[0].items():
+        out[mode] = {**first, "rounds": len(rounds)}
+        for key in ("fisher_s", "fisher_cpu_s", "penalty_step_s"):
+            out[mode][key] = statistics.median(r[mode][key] for r in rounds)
+    return out
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
     parser.add_argument("--model", default="seed_mlp", choices=MODELS)
     parser.add_argument("--kind", default="exact")
-    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the world sizes (median)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
     args = parser.parse_args()
 
-    per_world: dict[str, Any] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {str(w): [] for w in args.worlds}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as out:
-        for world in args.worlds:
-            ctx = mp.start_processes(
-                _worker, args=(world, _free_port(), args, out), nprocs=world, join=False, start_method="spawn"
-            )
-            deadline = time.monotonic() + args.timeout
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    raise SystemExit(f"world size {world} did not finish in {args.timeout} s")
-            per_world[str(world)] = json.loads(Path(out, f"world{world}.json").read_text())
+        for _ in range(args.rounds):  # interleaved: a burst of load elsewhere hits every world size alike
+            for world in args.worlds:
+                rounds[str(world)].append(_spawn(world, args, out))
+    per_world = {w: _median_of_rounds(rs) for w, rs in rounds.items()}
     for world, modes in per_world.items():
         for mode, r in modes.items():
             fc, pc = r["fisher_comm"], r["penalty_comm"]
             print(
-                f"world {world} {mode:6s} Fisher {r['fisher_s'] * 1e3:8.1f} ms, {fc['total_calls']} collectives "
+                f"world {world} {mode:6s} Fisher {r['fisher_s'] * 1e3:8.1f} ms "
+                f"(CPU {r['fisher_cpu_s'] * 1e3:.0f} ms/rank), "
+                f"{fc['total_calls']} collectives "
                 f"{fc['bytes']} (target {r['fisher_bytes_target']} B) | "
                 f"penalty step {r['penalty_step_s'] * 1e6:7.1f} µs, {pc['bytes']}"
             )
-    config = {k: getattr(args, k) for k in ("model", "kind", "samples", "batch", "repeats")}
-    path = write_results("distributed_cpu.json", {"config": config, "results": per_world})
+    config = {k: getattr(args, k) for k in ("model", "kind", "samples", "batch", "repeats", "rounds")}
+    payload = {"config": config, "load_avg_before": load_before, "results": per_world}
+    path = write_results("distributed_cpu.json", payload)
     print(f"wrote {path}")
 
 

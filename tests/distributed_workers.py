@@ -187,6 +187,8 @@ def ddp_job(rank: int, world: int, seed: int, out: Path, device: torch.device) -
     _perturb(model, seed)
     result.update(_penalty_checks(ddp, ewc))
     result["step_grads"] = _training_step(ddp, ewc, seed, rank, device)
+    if rank == 0:  # a replicated state: one rank writes; the parent loads it into the bare model
+        ewc.save(str(out / "ddp.safetensors"))
     try:  # every rank's loader empty: the same error on every rank, no hang
         fisher_diag(ddp, [])
         result["all_empty_error"] = ""

@@ -71,7 +71,7 @@ def test_bench_distributed_runs_and_meets_the_communication_target(tmp_path: Pat
     """World size 2, DDP and FSDP2: per estimation one all-reduce of the Fisher's size (+ the count)
     and the 24-byte model check (FSDP2: plus one gather of the weights); per penalty step nothing
     (DDP) or one 4-byte scalar (FSDP2)."""
-    res = run("bench_distributed.py", ["--worlds", "2", "--samples", "64", "--repeats", "1"], tmp_path)
+    res = run("bench_distributed.py", ["--worlds", "2", "--samples", "64", "--repeats", "1", "--rounds", "1"], tmp_path)
     for mode, r in res["results"]["2"].items():
         sent = r["fisher_comm"]["bytes"]
         assert sent["fisher_all_reduce"] == r["fisher_bytes_target"] and sent["model_check"] == 24, (mode, sent)

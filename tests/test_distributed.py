@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import distributed_workers as w
+from ewc_rs import EWC
 from reference import naive_penalty, reference_fisher, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -141,6 +142,13 @@ def test_ddp_fisher_penalty_and_step_match_the_reference(tmp_path: Path, seed: i
         assert "loaders of all ranks produced no batches" in res["all_empty_error"], (
             f"{what}: {res['all_empty_error']!r}"
         )
+    bare = w.make_model(seed)
+    noise = w.perturbation(seed, bare)
+    with torch.no_grad():
+        for n, p in bare.named_parameters():
+            p.add_(noise[n])
+    loaded = float(EWC.load(str(tmp_path / "ddp.safetensors"), bare).penalty(bare).detach())
+    assert abs(loaded - pen) <= TOL * pen, f"DDP state loaded into the bare model: {loaded} vs {pen} (seed={seed})"
     draws = [res["mc_draw"] for res in results]
     assert all(not torch.equal(draws[0], d) for d in draws[1:]), f"mc draws repeat across ranks (seed={seed})"
 
