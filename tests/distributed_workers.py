@@ -119,12 +119,12 @@ def _watch_fallback() -> Iterator[list[str]]:
         estimation.Estimation.result = original  # type: ignore[method-assign]
 
 
-def _fsdp_model(seed: int, world: int, device: torch.device) -> nn.Module:
+def _fsdp_model(seed: int, world: int, device: torch.device, hidden: int = HIDDEN) -> nn.Module:
     """The model with its first Linear as one FSDP2 unit and the root (LayerNorm, last Linear) as another."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(seed).to(device)
+    model = make_model(seed, hidden).to(device)
     mesh = init_device_mesh(device.type, (world,))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -255,6 +255,11 @@ def load_job(rank: int, world: int, seed: int, out: Path, device: torch.device) 
             errors.append("")
         except ValueError as e:
             errors.append(str(e))
+    try:  # a checkpoint of another model: the error comes before any tensor is read
+        checkpoint.load(EWC(_fsdp_model(seed, world, device, hidden=HIDDEN + 1), lam=LAM), str(out / f"ckpt{source}"))
+        errors.append("")
+    except ValueError as e:
+        errors.append(str(e))
     result["errors"] = errors
     result["penalty_after_errors"] = float(ewc.penalty(model))
     checkpoint.save(ewc, str(out / f"ckpt{world}"))

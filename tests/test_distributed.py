@@ -169,7 +169,8 @@ def test_fsdp2_sharded_fisher_penalty_and_resharded_checkpoints(tmp_path: Path, 
             assert res["backward_comm"]["calls"] == {"penalty_all_reduce": 1}, f"{what}: {res['backward_comm']}"
             if job == "load":
                 assert abs(res["file_penalty"] - pen) <= TOL * pen, f"{what}: EWC.load of the gathered file"
-                shape_err, mesh_err = res["errors"]
+                shape_err, mesh_err, model_err = res["errors"]
+                assert "stored with shape" in model_err, f"{what}: rank {r}: checkpoint of another model: {model_err!r}"
                 assert "shape" in shape_err, f"{what}: rank {r}: a misfit state must raise: {shape_err!r}"
                 assert "mesh" in mesh_err and "checkpoint" in mesh_err, f"{what}: rank {r}: {mesh_err!r}"
                 assert abs(res["penalty_after_errors"] - pen) <= TOL * pen, f"{what}: a failed load changed the state"

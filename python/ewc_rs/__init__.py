@@ -17,7 +17,7 @@ if _found != _EXPECTED_TORCH:
         f"is installed; install torch=={_EXPECTED_TORCH}"
     )
 
-from . import _core  # noqa: E402
+from . import _core, checkpoint, distributed  # noqa: E402, F401  (checkpoint, distributed: README, "Many GPUs")
 from .ewc import EWC  # noqa: E402
 from .fisher import KINDS, fisher_diag  # noqa: E402
 
