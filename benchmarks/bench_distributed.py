@@ -7,7 +7,8 @@ share of ``--samples`` samples (the union is the same at every world size), then
 (``zero_grad``, ``ewc.penalty(model).backward()``). The library's collectives
 are read from ``ewc_rs.distributed``'s counter (calls and bytes per operation on one rank):
 
-- target per estimation: one all-reduce of the Fisher's size (+ the count) and a 24-byte check
+- target per estimation: one all-reduce of the Fisher's size (+ the count and a failure flag,
+  12 bytes) and a 24-byte check
   that the ranks hold the same model; FSDP2 also gathers the full weights once;
 - target per penalty step: nothing for DDP (replicated parameters), one 4-byte scalar for FSDP2.
 
@@ -118,7 +119,7 @@ def _measure(model: torch.nn.Module, loader: list, args: argparse.Namespace) -> 
         "penalty_step_s": penalty_s,
         "fisher_comm": fisher_comm,
         "penalty_comm": penalty_comm,
-        "fisher_bytes_target": 4 * (numel + 2),
+        "fisher_bytes_target": 4 * (numel + 3),
     }
 
 

@@ -272,11 +272,21 @@ def mismatch_job(rank: int, world: int, seed: int, out: Path, device: torch.devi
     from ewc_rs import fisher_diag
 
     model = make_model(seed, hidden=HIDDEN + (rank == 1)).to(device)
+    result = {"error": "", "batch_error": ""}
     try:
         fisher_diag(model, rank_batches(seed, rank, world, empty_last=False))
     except ValueError as e:
-        return {"error": str(e)}
-    return {"error": ""}
+        result["error"] = str(e)
+    # Then the same model, but rank 1's second batch is malformed: it raises its own error, and
+    # rank 0 learns of it from the final all-reduce instead of waiting for rank 1 until the timeout.
+    batches: list[Any] = rank_batches(seed, rank, world, empty_last=False)
+    if rank == 1:
+        batches[1] = (batches[1][0],)
+    try:
+        fisher_diag(make_model(seed).to(device), batches)
+    except ValueError as e:
+        result["batch_error"] = str(e)
+    return result
 
 
 JOBS: dict[str, Callable[[int, int, int, Path, torch.device], dict[str, Any]]] = {

@@ -105,8 +105,8 @@ def ref_step_grads(seed: int, world: int, fisher: dict[str, torch.Tensor]) -> di
 
 
 def fisher_bytes(fisher: dict[str, torch.Tensor]) -> int:
-    """One float32 all-reduce of every F and the count (2 floats)."""
-    return 4 * (sum(f.numel() for f in fisher.values()) + 2)
+    """One float32 all-reduce of every F, the count (2 floats) and the failure flag."""
+    return 4 * (sum(f.numel() for f in fisher.values()) + 3)
 
 
 def check_penalty(res: dict[str, Any], rank: int, pen: float, grads: dict[str, torch.Tensor], what: str) -> None:
@@ -194,8 +194,11 @@ def test_fsdp2_sharded_fisher_penalty_and_resharded_checkpoints(tmp_path: Path, 
             assert err < TOL, f"{what}: rank {r} training-step gradient off by {err:.2e}"
 
 
-def test_ranks_with_different_models_raise_on_every_rank(tmp_path: Path, seed: int) -> None:
+def test_different_models_or_a_failing_rank_raise_on_every_rank(tmp_path: Path, seed: int) -> None:
     results = spawn("mismatch", 2, tmp_path, seed)
     for r, res in enumerate(results):
         msg = res["error"]
         assert "different models" in msg and "rank 1" in msg and "0.weight" in msg, f"rank {r} (seed={seed}): {msg!r}"
+    own, other = results[1]["batch_error"], results[0]["batch_error"]
+    assert "batch 1 must be a pair" in own, f"rank 1 raises its own error (seed={seed}): {own!r}"
+    assert "failed on 1 other rank" in other, f"rank 0 learns of rank 1's failure (seed={seed}): {other!r}"

@@ -5,7 +5,8 @@ tests).
 
 What a data-parallel estimation communicates (``fisher_diag(..., group=...)``): one 24-byte
 all-reduce that compares the ranks' models (names and shapes), then one all-reduce of every
-parameter's sum of squared per-sample gradients and the sample count, in one flat buffer. A
+parameter's sum of squared per-sample gradients, the sample count and a failure flag, in one
+flat float32 buffer. A
 sharded (FSDP2) penalty step: one scalar all-reduce. Under FSDP2 the estimation also gathers the
 full weights once (``all_gather``).
 """
@@ -115,28 +116,35 @@ def count_gather(nbytes: int) -> None:
     COUNTER.add("all_gather", nbytes)
 
 
-def all_reduce_sums(totals: Sequence[torch.Tensor], count: int, group: Group) -> tuple[list[torch.Tensor], int]:
+def all_reduce_sums(
+    totals: Sequence[torch.Tensor], count: int, group: Group, *, failed: bool = False
+) -> tuple[list[torch.Tensor], int, int]:
     """Sums per-parameter totals and a sample count over the ranks: one all-reduce of one buffer.
+
+    A rank whose estimation raised still joins (``failed=True``), so that the others learn of it
+    from the same all-reduce instead of waiting for it.
 
     Args:
         totals: this rank's sums of squared per-sample gradients, one tensor per parameter
             (float32, one device).
         count: this rank's count (samples, or batches for ``kind="batched"``).
         group: the process group.
+        failed: whether this rank's estimation failed.
 
     Returns:
-        The summed totals (new tensors, shaped like ``totals``) and the global count.
+        The summed totals (new tensors, shaped like ``totals``), the global count, and the number
+        of ranks that failed.
     """
     device = totals[0].device if totals else torch.device("cpu")
-    head = torch.tensor([count // _COUNT_SPLIT, count % _COUNT_SPLIT], dtype=torch.float32, device=device)
-    flat = torch.cat([head, *(t.reshape(-1).float() for t in totals)])
+    head = [count // _COUNT_SPLIT, count % _COUNT_SPLIT, float(failed)]
+    flat = torch.cat([torch.tensor(head, dtype=torch.float32, device=device), *(t.reshape(-1).float() for t in totals)])
     all_reduce_(flat, group, op="fisher_all_reduce")
     total_count = int(flat[0].item()) * _COUNT_SPLIT + int(flat[1].item())
-    out, offset = [], 2
+    out, offset = [], len(head)
     for t in totals:
         out.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
-    return out, total_count
+    return out, total_count, int(flat[2].item())
 
 
 def _digest(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:

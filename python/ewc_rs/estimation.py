@@ -92,6 +92,10 @@ class Estimation:
                         break
                     if bar is not None and n:
                         bar.update(n)
+        except Exception:
+            if self.group is not None:  # the other ranks wait in `result`'s all-reduce: join it, flagged
+                distributed.all_reduce_sums(self.sums.totals, 0, self.group, failed=True)
+            raise
         finally:
             if recorder is not None:
                 recorder.remove()
@@ -129,7 +133,11 @@ class Estimation:
         count = self.batches if self.options.kind == "batched" else self.seen
         totals = self.sums.totals
         if self.group is not None:
-            totals, count = distributed.all_reduce_sums(totals, count, self.group)
+            totals, count, failed = distributed.all_reduce_sums(totals, count, self.group)
+            if failed:
+                raise ValueError(
+                    f"loader: the estimation failed on {failed} other rank(s) of the process group (see their error)"
+                )
             if count == 0:
                 raise ValueError("loader: the loaders of all ranks produced no batches (an empty loader has no Fisher)")
         elif self.batches == 0:
