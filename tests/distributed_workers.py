@@ -182,6 +182,10 @@ def ddp_job(rank: int, world: int, seed: int, out: Path, device: torch.device) -
         "fisher": {n: _full(f) for n, f in fisher.items()},
         "fisher_comm": distributed.comm_stats(),
     }
+    if world == 3:  # group=: ranks 0 and 1 hold every sample (rank 2 is empty), so their F is the same
+        sub = dist.new_group([0, 1])
+        if rank < 2:
+            result["subgroup_fisher"] = fisher_diag(model, loader, group=sub)
     ewc = EWC(ddp, lam=LAM)
     ewc.consolidate(loader)
     _perturb(model, seed)

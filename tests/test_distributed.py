@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import distributed_workers as w
+import ewc_rs
 from ewc_rs import EWC
 from reference import naive_penalty, reference_fisher, relative_error
 
@@ -139,6 +140,9 @@ def test_ddp_fisher_penalty_and_step_match_the_reference(tmp_path: Path, seed: i
         assert res["backward_comm"]["total_calls"] == 0, f"{what}: replicated penalty needs no collective"
         err = relative_error(res["step_grads"], step)
         assert err < TOL, f"{what}: rank {r} training-step gradient (DDP average + penalty) off by {err:.2e}"
+        if world == 3 and r < 2:
+            err = relative_error(res["subgroup_fisher"], fisher)
+            assert err < TOL, f"{what}: rank {r} Fisher over group=new_group([0, 1]) off by {err:.2e}"
         assert "loaders of all ranks produced no batches" in res["all_empty_error"], (
             f"{what}: {res['all_empty_error']!r}"
         )
@@ -202,3 +206,10 @@ def test_different_models_or_a_failing_rank_raise_on_every_rank(tmp_path: Path, 
     own, other = results[1]["batch_error"], results[0]["batch_error"]
     assert "batch 1 must be a pair" in own, f"rank 1 raises its own error (seed={seed}): {own!r}"
     assert "failed on 1 other rank" in other, f"rank 0 learns of rank 1's failure (seed={seed}): {other!r}"
+
+
+def test_group_without_an_initialised_process_group_is_refused(seed: int) -> None:
+    assert not torch.distributed.is_initialized(), "the test process itself never joins a group"
+    model = w.make_model(seed)
+    with pytest.raises(ValueError, match="group: given, but torch.distributed has no initialised process group"):
+        ewc_rs.fisher_diag(model, w.rank_batches(seed, 0, 1, empty_last=False), group=object())
