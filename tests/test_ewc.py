@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import re
 from typing import Any
 
@@ -259,6 +260,21 @@ def test_params_selection_matching_nothing(selector: Any) -> None:
     with pytest.raises(ValueError, match="params"):
         ewc.consolidate(batches())
     assert ewc.num_tasks == 0
+
+
+@pytest.mark.parametrize("selector", [None, r"^[1-6]\.", re.compile(r"^[1-6]\."), list(BODY)])
+def test_ewc_pickles_with_its_selection(selector: Any, seed: int) -> None:
+    """An EWC object crosses process boundaries (Lightning's ddp_spawn, torch.multiprocessing pickle
+    it): the copy keeps the selection and gives the same penalty."""
+    model, batches = task_model("mlp_bn", seed)
+    ewc = EWC(model, lam=5.0, params=selector)
+    ewc.consolidate(batches())
+    perturb(model, gen(seed))
+    want = float(ewc.penalty(model))  # with its penalty plan built
+    copied_model, copied = pickle.loads(pickle.dumps((model, ewc)))
+    got = float(copied.penalty(copied_model))
+    assert math.isclose(got, want, rel_tol=1e-6), f"seed={seed}: penalty {got} after pickling, {want} before"
+    assert want > 0, f"seed={seed}: the perturbed model has no penalty"
 
 
 def test_params_selection_bad_type() -> None:

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -29,6 +33,7 @@ from reference import reference_fisher, relative_error  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 DIM, CLASSES = 10, 3
+TESTS = Path(__file__).resolve().parent
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -190,9 +195,7 @@ def test_set_up_is_checked() -> None:
     with pytest.raises(ValueError, match="2 optimizers"):
         callback.on_fit_start(two, module)  # type: ignore[arg-type]
     ddp = SimpleNamespace(optimizers=[object()], world_size=2)
-    with pytest.raises(ValueError, match="loader: with several processes"):
-        callback.on_fit_start(ddp, module)  # type: ignore[arg-type]
-    EWCCallback(EWC(net, lam=1.0), loader=[]).on_fit_start(ddp, module)  # type: ignore[arg-type]
+    callback.on_fit_start(ddp, module)  # type: ignore[arg-type]  # DDP needs no loader= any more
     with pytest.raises(TypeError, match="ewc: expected an ewc_rs.EWC"):
         EWCCallback(net)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no train dataloader"):
@@ -209,3 +212,29 @@ def test_grad_scale_follows_where_amp_unscales() -> None:
     assert _grad_scale(trainer, fused) == 8.0  # type: ignore[arg-type]
     no_scaler = SimpleNamespace(precision_plugin=SimpleNamespace())
     assert _grad_scale(no_scaler, fused) == 1.0  # type: ignore[arg-type]
+
+
+def test_ddp_consolidates_over_every_rank(seed: int, tmp_path: Path) -> None:
+    """Lightning ``ddp_spawn`` on 2 CPU processes: each rank consolidates on its own shard of the train
+    dataloader, and every rank gets the Fisher of the whole data set (``tests/lightning_ddp_job.py``)."""
+    import lightning_ddp_job as job
+
+    seed = seed % 100_000
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(TESTS / "lightning_ddp_job.py"), str(seed), str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"seed={seed}: the Lightning DDP job did not finish in {e.timeout} s") from None
+    assert done.returncode == 0, f"seed={seed}: the Lightning DDP job failed:\n{done.stderr[-4000:]}"
+    data = job.make_data(seed)
+    ref = reference_fisher(job.make_net(seed), [data.tensors], kind="exact")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"fisher.{rank}.pt")
+        err = relative_error(got, ref)
+        assert err <= 1e-4, f"seed={seed}: rank {rank}: rel. error {err:.2e} against the reference"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from re import Pattern
 from typing import Any, Callable, Union
 
@@ -57,6 +58,30 @@ def check_storage(dtype: Any) -> torch.dtype:
     return dtype
 
 
+# Selectors are small classes, not lambdas, so that an EWC object pickles (Lightning's ddp_spawn,
+# torch.multiprocessing, copy.deepcopy).
+@dataclass(frozen=True)
+class _Everything:
+    def __call__(self, name: str, p: nn.Parameter) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class _Matching:
+    pattern: re.Pattern
+
+    def __call__(self, name: str, p: nn.Parameter) -> bool:
+        return self.pattern.search(name) is not None
+
+
+@dataclass(frozen=True)
+class _Named:
+    names: frozenset
+
+    def __call__(self, name: str, p: nn.Parameter) -> bool:
+        return name in self.names
+
+
 def make_selector(params: ParamSelector) -> Callable[[str, nn.Parameter], bool]:
     """The predicate ``(name, parameter) -> bool`` behind ``params=``.
 
@@ -70,17 +95,16 @@ def make_selector(params: ParamSelector) -> Callable[[str, nn.Parameter], bool]:
         TypeError: ``params`` is none of these, or a list holds something other than strings.
     """
     if params is None:
-        return lambda name, p: True
+        return _Everything()
     if isinstance(params, (str, re.Pattern)):
-        pattern = re.compile(params)
-        return lambda name, p: pattern.search(name) is not None
+        return _Matching(re.compile(params))
     if callable(params):
         return params  # type: ignore[return-value]
     if isinstance(params, Iterable):
         names = set(params)
         if not all(isinstance(n, str) for n in names):
             raise TypeError("params: a list of parameter names must hold strings only")
-        return lambda name, p: name in names
+        return _Named(frozenset(names))
     raise TypeError(f"params: expected None, names, a regex or a predicate, got {type(params).__name__}")
 
 

@@ -43,8 +43,9 @@ class EWCCallback(Callback):
         kind: Fisher kind for the consolidation (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
         consolidate_on_train_end: consolidate at ``on_train_end`` (default True).
         loader: batches ``(x, y)`` to consolidate on; default: the trainer's train dataloader, its batches as
-            they are. With several processes (DDP) it is required: the gradient is added after DDP's
-            all-reduce, so every rank must hold the same F (pass the same batches on every rank).
+            they are. With several processes (DDP) each rank estimates on its own shard and the sums are
+            all-reduced (see :func:`ewc_rs.fisher_diag`'s ``group``), so every rank holds the same F, as the
+            penalty's gradient (added after DDP's all-reduce) needs.
         log_name: the penalty's value is logged with ``pl_module.log`` under this name each step; None: not logged.
         **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, progress, ...).
     """
@@ -69,17 +70,11 @@ class EWCCallback(Callback):
         self.fisher_options = fisher_options
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Checks the set-up: one optimizer; with several processes, a consolidation ``loader``."""
+        """Checks the set-up: one optimizer."""
         if len(trainer.optimizers) > 1:
             raise ValueError(
                 f"EWCCallback: the trainer has {len(trainer.optimizers)} optimizers; the penalty's gradient is added "
                 "to every protected parameter before each optimizer step, so use one optimizer"
-            )
-        if trainer.world_size > 1 and self.consolidate_on_train_end and self.loader is None:
-            raise ValueError(
-                "loader: with several processes each rank would estimate F on its own shard and the penalty "
-                "gradients (added after DDP's all-reduce) would differ; pass EWCCallback(loader=...) yielding "
-                "the same batches on every rank"
             )
 
     def on_before_optimizer_step(
