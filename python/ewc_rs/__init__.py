@@ -20,6 +20,7 @@ if _found != _EXPECTED_TORCH:
 from . import _core  # noqa: E402
 from .ewc import EWC  # noqa: E402
 from .fisher import KINDS, fisher_diag  # noqa: E402
+from .kfac import fisher_kfac  # noqa: E402
 
 __version__: str = _core.__version__
-__all__ = ["EWC", "fisher_diag", "KINDS", "__version__"]
+__all__ = ["EWC", "fisher_diag", "fisher_kfac", "KINDS", "__version__"]
