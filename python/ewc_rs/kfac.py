@@ -77,7 +77,9 @@ def kfac_form(module: nn.Module) -> Optional[tuple[int, int, bool]]:
     return rule.kfac_form(list(weight.shape))
 
 
-def kfac_sites(model: nn.Module, coverage: RuleCoverage, chosen: Optional[set[str]] = None) -> list[tuple[KfacSite, Site]]:
+def kfac_sites(
+    model: nn.Module, coverage: RuleCoverage, chosen: Optional[set[str]] = None
+) -> list[tuple[KfacSite, Site]]:
     """The layers of ``coverage`` that get Kronecker factors.
 
     A layer qualifies when its rule has a Kronecker form, its weight is covered by the rules (not
