@@ -65,3 +65,19 @@ def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
     assert fisher["relative_error"] <= 1e-4, fisher
     assert fisher["time_ratio"] > 0 and set(fisher["median_s"]) == {"fwd_bwd", "ewc_rs:empirical"}, fisher
     assert penalty["value_rel_err"] <= 1e-5 and penalty["grad_max_rel_err"] <= 1e-5, penalty
+
+
+def test_bench_kfac_runs_and_agrees(tmp_path: Path) -> None:
+    res = run("bench_kfac.py", ["--models", "cnn", "--samples", "100", "--repeats", "1"], tmp_path)
+    row = res["results"]["cnn"]
+    assert set(row["penalty_s"]) == {"1_tasks", "5_tasks"}
+    assert row["estimation_s"]["fisher_kfac_exact"] > 0
+    for lib in ("curvlinops", "nngeometry"):
+        agreement = row["agreement"][lib]
+        if isinstance(agreement, str):  # the optional package is missing; the script says so
+            assert "not installed" in agreement
+            continue
+        for layer, errs in agreement.items():
+            for what in ("A", "G", "A_normalised", "G_normalised"):
+                if what in errs:
+                    assert errs[what] < 1e-3, f"{lib} layer {layer} {what}: {errs[what]}"
