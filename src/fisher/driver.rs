@@ -7,9 +7,9 @@
 //! are squared: that is what makes shared parameters exact.
 
 use super::chunks::{add_to, chunks, SlotTotals};
-use crate::kfac::factors::KfacSums;
 use super::rules::{Rule, Want};
 use crate::error::{value_err, Context, Result};
+use crate::kfac::factors::KfacSums;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -163,7 +163,9 @@ impl FisherSums {
         for c in batch.calls {
             if let Some(site) = c.kfac {
                 let Some(kfac) = batch.kfac else {
-                    return value_err("calls: a layer call has a kfac_site but no kfac sums were given");
+                    return value_err(
+                        "calls: a layer call has a kfac_site but no kfac sums were given",
+                    );
                 };
                 kfac.add_input(site, c.rule.as_ref(), &c.input)?;
             }

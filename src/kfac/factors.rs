@@ -58,7 +58,10 @@ impl KfacSums {
 
     /// The input rows added so far, per site.
     pub fn rows(&self) -> Vec<i64> {
-        self.rows.iter().map(|r| r.load(Ordering::Relaxed)).collect()
+        self.rows
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .collect()
     }
 
     fn check_site(&self, site: usize) -> Result<()> {
@@ -91,9 +94,7 @@ impl KfacSums {
             ));
         };
         let rows = rows.to_device(total.device());
-        let _ = total
-            .f_addmm_(&rows.tr(), &rows)
-            .ctx("KFAC input factor")?;
+        let _ = total.f_addmm_(&rows.tr(), &rows).ctx("KFAC input factor")?;
         self.rows[site].fetch_add(rows.size()[0], Ordering::Relaxed);
         Ok(())
     }

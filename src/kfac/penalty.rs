@@ -222,7 +222,7 @@ mod tests {
             // vec stacks columns: vec(ΔW̃) = ΔW̃ᵀ flattened.
             let d = (&wt - star).tr().reshape([-1]);
             let f = a.kron(g);
-            want = want + 0.5 * lam * d.dot(&f.mv(&d));
+            want += 0.5 * lam * d.dot(&f.mv(&d));
         }
         let grad = Tensor::run_backward(&[&want], &[&wt], false, false).remove(0);
         let rel = |x: &Tensor, y: &Tensor| {

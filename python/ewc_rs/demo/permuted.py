@@ -22,7 +22,9 @@ Methods (keys of ``OUT/permuted.json``'s ``"permuted"``):
 ``kfac``, ``kfac_online`` (not in the default run; ``--methods``)
     Kronecker-factored EWC (Ritter et al. 2018): ``EWC(model, λ, structure="kfac")`` with the
     ``exact`` Fisher on the same 2000 images, one (A, G) pair per layer and task (``kfac``) or
-    one folded pair per layer (``kfac_online``, γ = 1). λ from the same validation sweep.
+    one folded pair per layer (``kfac_online``, γ = 1). λ = 3 for both, from the same validation
+    sweep (its Kronecker penalty couples the weights of a layer, and is larger than the diagonal's
+    for the same λ).
 ``ewc_batched``
     The seed article's estimator (square of each batch-mean gradient, ≈ 1/batch_size of the
     Fisher), from up to 300 batches of 100 (all 80 batches here), λ = 3e4 (the sweep's best lies,
@@ -75,8 +77,8 @@ METHODS = ("none", "l2", "ewc_exact", "ewc_empirical", "ewc_mc", "ewc_batched")
 #: Every method ``run_method`` knows; ``METHODS`` is the default run.
 ALL_METHODS = (*METHODS, "kfac", "kfac_online")
 
-KFAC_LAM = 100.0
-KFAC_ONLINE_LAM = 100.0
+KFAC_LAM = 3.0
+KFAC_ONLINE_LAM = 3.0
 PERMUTED_CONFIG: dict[str, Any] = {
     "tasks": 5,
     "train_samples": None,  # all

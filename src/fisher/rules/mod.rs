@@ -103,13 +103,17 @@ pub trait Rule: Send + Sync + fmt::Debug {
     /// (a Linear's input with its leading dims flattened; a convolution's unfolded patches, one
     /// row per sample and output position). Only called when `kfac_form` is `Some`.
     fn kfac_input_rows(&self, _a: &Tensor) -> Result<Tensor> {
-        value_err(format!("{self:?}: this rule has no Kronecker-factored form"))
+        value_err(format!(
+            "{self:?}: this rule has no Kronecker-factored form"
+        ))
     }
 
     /// KFAC: the output gradient as rows `[rows, outputs]` in float32, row for row with
     /// `kfac_input_rows`.
     fn kfac_grad_rows(&self, _g: &Tensor) -> Result<Tensor> {
-        value_err(format!("{self:?}: this rule has no Kronecker-factored form"))
+        value_err(format!(
+            "{self:?}: this rule has no Kronecker-factored form"
+        ))
     }
 
     /// How many samples fit in `budget` bytes of per-sample intermediates.
