@@ -4,9 +4,11 @@
 pub mod bindings;
 pub mod error;
 pub mod fisher;
+pub mod kfac;
 pub mod penalty;
 
 use bindings::fisher::{layer_rule, FisherSums, LayerCall, LayerRule, RootSpec};
+use bindings::kfac::{KfacSums, KronPlan};
 use bindings::penalty::{fused_penalty, penalty_add_to_grads};
 use pyo3::prelude::*;
 
@@ -18,6 +20,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<LayerCall>()?;
     m.add_class::<RootSpec>()?;
     m.add_class::<FisherSums>()?;
+    m.add_class::<KfacSums>()?;
+    m.add_class::<KronPlan>()?;
     m.add_function(wrap_pyfunction!(layer_rule, m)?)?;
     m.add_function(wrap_pyfunction!(fused_penalty, m)?)?;
     m.add_function(wrap_pyfunction!(penalty_add_to_grads, m)?)?;

@@ -80,3 +80,19 @@ def test_bench_distributed_runs_and_meets_the_communication_target(tmp_path: Pat
         )
         assert r["penalty_comm"]["bytes"] == ({"penalty_all_reduce": 4} if mode == "fsdp2" else {}), (mode, r)
         assert r["fisher_s"] > 0 and r["penalty_step_s"] > 0, (mode, r)
+
+
+def test_bench_kfac_runs_and_agrees(tmp_path: Path) -> None:
+    res = run("bench_kfac.py", ["--models", "cnn", "--samples", "100", "--repeats", "1"], tmp_path)
+    row = res["results"]["cnn"]
+    assert set(row["penalty_s"]) == {"1_tasks", "5_tasks"}
+    assert row["estimation_s"]["fisher_kfac_exact"] > 0
+    for lib in ("curvlinops", "nngeometry"):
+        agreement = row["agreement"][lib]
+        if isinstance(agreement, str):  # the optional package is missing; the script says so
+            assert "not installed" in agreement
+            continue
+        for layer, errs in agreement.items():
+            for what in ("A", "G", "A_normalised", "G_normalised"):
+                if what in errs:
+                    assert errs[what] < 1e-3, f"{lib} layer {layer} {what}: {errs[what]}"

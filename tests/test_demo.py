@@ -154,3 +154,20 @@ def test_seed_quick_without_matplotlib(
     out = capsys.readouterr().out
     assert out.count("pip install 'ewc_rs[demo]'") == 1
     assert "| ewc_exact |" in out and "seed.png" not in out
+
+
+@needs_data
+def test_permuted_methods_option_runs_kfac(tmp_path: Path) -> None:
+    argv = ["permuted", "--quick", "--data", str(DATA), "--out", str(tmp_path), "--methods", "none,kfac,kfac_online"]
+    assert _demo_main(argv) == 0
+    payload = json.loads((tmp_path / "permuted.json").read_text())
+    assert list(payload["permuted"]) == ["none", "kfac", "kfac_online"]
+    for method, curve in payload["permuted"].items():
+        assert len(curve) == 3 and all(_is_accuracy(v) for v in curve), method
+    # Kronecker-factored EWC keeps the first tasks better than plain fine-tuning, even in the quick setting.
+    assert payload["permuted"]["kfac"][-1] > payload["permuted"]["none"][-1]
+
+
+def test_permuted_methods_option_refuses_unknown_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--methods: expected names among"):
+        _demo_main(["permuted", "--quick", "--out", str(tmp_path), "--methods", "none,kfca"])

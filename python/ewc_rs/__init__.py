@@ -20,6 +20,7 @@ if _found != _EXPECTED_TORCH:
 from . import _core, checkpoint, distributed  # noqa: E402, F401  (checkpoint, distributed: README, "Many GPUs")
 from .ewc import EWC  # noqa: E402
 from .fisher import KINDS, fisher_diag  # noqa: E402
+from .kfac import fisher_kfac  # noqa: E402
 
 __version__: str = _core.__version__
-__all__ = ["EWC", "fisher_diag", "KINDS", "__version__"]
+__all__ = ["EWC", "fisher_diag", "fisher_kfac", "KINDS", "__version__"]

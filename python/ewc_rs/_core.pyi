@@ -14,6 +14,8 @@ __all__ = [
     "LayerCall",
     "RootSpec",
     "FisherSums",
+    "KfacSums",
+    "KronPlan",
     "layer_rule",
     "penalty",
     "penalty_add_to_grads",
@@ -27,6 +29,8 @@ class LayerRule:
 
     @property
     def module_type(self) -> str: ...
+    def kfac_form(self, weight_shape: Sequence[int]) -> Optional[tuple[int, int, bool]]:
+        """``(inputs, outputs, transposed)`` of the weight as a KFAC matrix, or None (no Kronecker form)."""
 
 def layer_rule(module: nn.Module) -> Optional[LayerRule]:
     """The rule for ``module``'s exact type with its current settings, or None (no rule covers it:
@@ -44,6 +48,7 @@ class LayerCall:
         output: torch.Tensor,
         weight_slot: Optional[int] = None,
         bias_slot: Optional[int] = None,
+        kfac_site: Optional[int] = None,
     ) -> LayerCall: ...
 
 @final
@@ -75,6 +80,7 @@ class FisherSums:
         *,
         calls: Sequence[LayerCall] = ...,
         whole_slots: Sequence[int] = ...,
+        kfac: Optional[KfacSums] = None,
     ) -> None:
         """Adds one batch: a backward pass per root, then each layer call's rule."""
     def add(self, slot: int, sum_sq: torch.Tensor) -> None:
@@ -83,6 +89,30 @@ class FisherSums:
         self, outputs: torch.Tensor, roots: RootSpec, calls: Sequence[LayerCall], slots: Sequence[int]
     ) -> list[tuple[int, float]]:
         """Relative difference per slot between the rules' summed gradients and autograd's."""
+
+@final
+class KfacSums:
+    """Σ ã ãᵀ and Σ g gᵀ per KFAC site, added in place into the given float32 matrices."""
+
+    def __new__(cls, *, a_sums: Sequence[torch.Tensor], g_sums: Sequence[torch.Tensor]) -> KfacSums: ...
+    @property
+    def rows(self) -> list[int]: ...
+
+@final
+class KronPlan:
+    """The Kronecker-factored penalty's terms, stacked by shape."""
+
+    def __new__(
+        cls,
+        *,
+        transposed: Sequence[bool],
+        has_bias: Sequence[bool],
+        groups: Sequence[tuple[Sequence[int], torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> KronPlan: ...
+    def evaluate(
+        self, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], lam: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[Optional[torch.Tensor]]]:
+        """½λ Σ tr(ΔW̃ᵀ G ΔW̃ A), and λ G ΔW̃ A per layer in the weight's and the bias's shapes."""
 
 def penalty(
     params: Sequence[torch.Tensor],

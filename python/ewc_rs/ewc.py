@@ -18,6 +18,8 @@ derivative of the penalty raises an error.
 - ``mode="separate"`` (Kirkpatrick et al. 2017): one (F_t, θ*_t) record per ``consolidate``,
   penalties summed over tasks.
 - ``mode="online"`` (Schwarz et al. 2018): F ← γ F_old + F_new, θ* ← the latest weights.
+- ``structure="kfac"`` (Ritter et al. 2018): Kronecker factors A ⊗ G per Linear/Conv layer instead of
+  the diagonal (:mod:`.kfac`, :mod:`.kfac_penalty`, :mod:`.kfac_tasks`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import options, persistence
-from .fisher import fisher_diag
+from .kfac_penalty import AnyPlan, build_plan
 from .norm_stats import NormStatsFreezer
 from .options import ParamSelector
-from .penalty import FusedPenalty, PenaltyPlan, zero_penalty
+from .penalty import FusedPenalty, zero_penalty
+from .structures import check_structure, snapshot
 from .tasks import TaskRecord, add_task
 
 
@@ -48,8 +51,9 @@ class EWC:
             on the name) or a predicate ``(name, parameter) -> bool``; e.g. all but a task head.
         norm_stats: ``"freeze"`` (default; after a consolidation, normalisation layers with running
             statistics run in eval mode) or ``"update"`` (they follow ``model.train()``): :mod:`.norm_stats`.
-        storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for F and θ*: half the memory,
+        storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for F (A, G) and θ*: half the memory,
             each stored value off by up to 2⁻⁸ (≈0.4%) of its magnitude (measured in ``tests/test_ewc.py``).
+        structure: ``"diag"`` (default) or ``"kfac"``: Kronecker-factored layers (:mod:`.kfac_penalty`).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class EWC:
         params: ParamSelector = None,
         norm_stats: str = "freeze",
         storage_dtype: Optional[torch.dtype] = None,
+        structure: str = "diag",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -71,9 +76,10 @@ class EWC:
         policy = options.check_choice("norm_stats", norm_stats, options.NORM_STATS)
         self.storage_dtype = options.check_storage(storage_dtype)
         self._selector = options.make_selector(params)
+        self.structure = check_structure(structure, model, self._selector)  # "kfac": says which layers stay diagonal
         self._model = model
         self._tasks: list[TaskRecord] = []  # oldest first; at most one in online mode
-        self._cached_plan: Optional[PenaltyPlan] = None
+        self._cached_plan: Optional[AnyPlan] = None
         self._norm_stats = NormStatsFreezer(model, policy, stacklevel=2)  # warns at our caller
 
     @property
@@ -81,7 +87,7 @@ class EWC:
         """The normalisation-statistics policy, ``"freeze"`` or ``"update"``."""
         return self._norm_stats.policy
 
-    def consolidate(self, loader: Iterable[Any], *, kind: str = "exact", **fisher_options: Any) -> dict[str, Tensor]:
+    def consolidate(self, loader: Iterable[Any], *, kind: str = "exact", **fisher_options: Any) -> dict[str, Any]:
         """Estimates F on ``loader`` for the current weights and stores (F, θ*).
 
         Args:
@@ -90,15 +96,14 @@ class EWC:
             **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, group, ...).
 
         Returns:
-            The new task's Fisher ``{name: F}`` (float32), as estimated.
+            The new Fisher as estimated: ``{name: F}``; ``{"kron": {layer: (A, G)}, "diag": {name: F}}`` for kfac.
         """
-        chosen = options.selected_parameters(self._model, self._selector)
-        full = {n: f.detach() for n, f in fisher_diag(self._model, loader, kind=kind, **fisher_options).items()}
-        new = TaskRecord.snapshot(chosen, full, self.storage_dtype)  # detached: F and θ* are constants
-        self._tasks = add_task(self._tasks, new, online=self.mode == "online", gamma=self.gamma)
-        self._cached_plan = None
+        keep = options.selected_parameters(self._model, self._selector)
+        new, est = snapshot(self._model, keep, loader, self.structure, self.storage_dtype, kind=kind, **fisher_options)
+        online = self.mode == "online"
+        self._tasks, self._cached_plan = add_task(self._tasks, new, online=online, gamma=self.gamma), None
         self._norm_stats.install()
-        return {n: full[n] for n in chosen}
+        return est
 
     @property
     def num_tasks(self) -> int:
@@ -152,11 +157,11 @@ class EWC:
         with torch.no_grad():
             return self._plan(model).add_to_grads(self.lam, scale)
 
-    def _plan(self, model: nn.Module) -> PenaltyPlan:
+    def _plan(self, model: nn.Module) -> AnyPlan:
         """The cached plan, rebuilt when the state, the parameter objects or their placement change."""
         plan = self._cached_plan
         if plan is None or not plan.matches(model):
-            plan = self._cached_plan = PenaltyPlan.build(model, self._tasks, self.storage_dtype)
+            plan = self._cached_plan = build_plan(model, self._tasks, self.storage_dtype)
         return plan
 
     def release_norm_stats(self) -> None:
@@ -173,8 +178,7 @@ class EWC:
             This ``EWC`` object.
         """
         device = torch.empty(0).to(*args, **kwargs).device
-        self._tasks = [task.to(device) for task in self._tasks]
-        self._cached_plan = None
+        self._tasks, self._cached_plan = [task.to(device) for task in self._tasks], None
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,7 +201,7 @@ class EWC:
         """
         loaded = persistence.from_state_dict(state, self._model)
         self.lam, self.mode, self.gamma = loaded.lam, loaded.mode, loaded.gamma
-        self.storage_dtype = loaded.storage_dtype
+        self.storage_dtype, self.structure = loaded.storage_dtype, loaded.structure
         self._norm_stats.set_policy(loaded.norm_stats)
         self._tasks, self._cached_plan = loaded.tasks, None
         if self._tasks:
@@ -230,7 +234,7 @@ class EWC:
 
     def _state(self) -> persistence.EWCState:
         config = (self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype)
-        return persistence.EWCState(*config, tasks=list(self._tasks))
+        return persistence.EWCState(*config, tasks=list(self._tasks), structure=self.structure)
 
     def __repr__(self) -> str:
         config = f"lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}"

@@ -314,13 +314,13 @@ class FusedPenalty(torch.autograd.Function):
     """
 
     @classmethod
-    def run(cls, evaluation: Evaluation, plan: PenaltyPlan, lam: float, *params: torch.Tensor) -> torch.Tensor:
+    def run(cls, evaluation: Evaluation, plan: Any, lam: float, *params: torch.Tensor) -> torch.Tensor:
         if torch._C._are_functorch_transforms_active():
             return cls.apply(evaluation, plan, lam, *params)
         return super(torch.autograd.Function, cls).apply(evaluation, plan, lam, *params)  # type: ignore[misc]
 
     @staticmethod
-    def forward(ctx: Any, evaluation: Evaluation, plan: PenaltyPlan, lam: float, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, evaluation: Evaluation, plan: Any, lam: float, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.evaluation = evaluation
         ctx.plan = plan
         ctx.lam = lam

@@ -1,13 +1,16 @@
 """``EWC``'s state: the ``state_dict`` format, its checks, and the safetensors file.
 
 State dict, version 1: ``{"version", "lam", "mode", "gamma", "norm_stats", "storage_dtype",
-"pairs"}``, where ``"pairs"`` is the list of stored tasks, each ``{"fisher": {name: F}, "star":
-{name: θ*}}``. The key keeps its version-1 name so that saved states stay readable; in memory a
-task is a :class:`~ewc_rs.tasks.TaskRecord`.
+"pairs", "structure"}``, where ``"pairs"`` is the list of stored tasks, each ``{"fisher": {name:
+F}, "star": {name: θ*}}``, plus ``"kron": {layer: {"A": A, "G": G}}`` for ``structure="kfac"``
+(then ``"star"`` also names the layers' weights and biases, which have no ``"fisher"``). The key
+keeps its version-1 name so that saved states stay readable (``"structure"`` defaults to
+``"diag"``); in memory a task is a :class:`~ewc_rs.tasks.TaskRecord`.
 
-File (:func:`write_file`): tensors ``"{task}.fisher.{i}"`` and ``"{task}.star.{i}"``, the i-th
-parameter name of each task listed in the ``"layout"`` of the JSON metadata ``"ewc_rs"``, next
-to the config.
+File (:func:`write_file`): tensors ``"{task}.star.{i}"`` and, where there is one,
+``"{task}.fisher.{i}"``, the i-th parameter name of each task listed in the ``"layout"`` of the
+JSON metadata ``"ewc_rs"``; ``"{task}.kron.{j}.A"``/``".G"`` for the j-th layer of
+``"kron_layout"``; the config next to them.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import torch
 from torch import nn
 
 from . import distributed, sharding
+from .kfac_tasks import kron_misfit, param_name, stored_layers
 from .options import MODES, NORM_STATS, check_choice, check_gamma, check_lam
 from .tasks import TaskRecord, first_misfit
 
 STATE_VERSION = 1
 #: The state dict's key for the list of tasks (its version-1 name, kept for compatibility).
 TASKS_KEY = "pairs"
-_CONFIG_KEYS = ("version", "lam", "mode", "gamma", "norm_stats", "storage_dtype")
+_CONFIG_KEYS = ("version", "lam", "mode", "gamma", "norm_stats", "storage_dtype", "structure")
+STRUCTURES = ("diag", "kfac")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class EWCState:
     norm_stats: str
     storage_dtype: torch.dtype
     tasks: list[TaskRecord]
+    structure: str = "diag"
 
 
 def to_state_dict(state: EWCState) -> dict[str, Any]:
@@ -57,8 +63,16 @@ def to_state_dict(state: EWCState) -> dict[str, Any]:
         "gamma": state.gamma,
         "norm_stats": state.norm_stats,
         "storage_dtype": str(state.storage_dtype).replace("torch.", ""),
-        TASKS_KEY: [{"fisher": dict(task.fisher), "star": dict(task.star)} for task in state.tasks],
+        "structure": state.structure,
+        TASKS_KEY: [_task_to_dict(task) for task in state.tasks],
     }
+
+
+def _task_to_dict(task: TaskRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"fisher": dict(task.fisher), "star": dict(task.star)}
+    if task.kron:
+        out["kron"] = {m: {"A": a, "G": g} for m, (a, g) in task.kron.items()}
+    return out
 
 
 def from_state_dict(state: Any, model: nn.Module) -> EWCState:
@@ -81,9 +95,9 @@ def from_state_dict(state: Any, model: nn.Module) -> EWCState:
     named = dict(sharding.named_parameters(model))
     group = distributed.mesh_group(list(named.values()))
     if group is None:
-        return _from_state_dict(state, named)
+        return _from_state_dict(state, model, named)
     try:
-        loaded, error = _from_state_dict(state, named), None
+        loaded, error = _from_state_dict(state, model, named), None
     except ValueError as e:
         loaded, error = None, e
     if distributed.any_rank(error is not None, group, next(iter(named.values())).device):
@@ -92,13 +106,14 @@ def from_state_dict(state: Any, model: nn.Module) -> EWCState:
     return loaded
 
 
-def _from_state_dict(state: Any, named: dict[str, nn.Parameter]) -> EWCState:
+def _from_state_dict(state: Any, model: nn.Module, named: dict[str, nn.Parameter]) -> EWCState:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"state: expected an EWC state dict of version {STATE_VERSION}")
     lam = check_lam(state.get("lam"))
     mode = check_choice("mode", state.get("mode"), MODES)
     gamma = check_gamma(state.get("gamma"))
     norm_stats = check_choice("norm_stats", state.get("norm_stats"), NORM_STATS)
+    structure = check_choice("structure", state.get("structure", "diag"), STRUCTURES)
     dtype_name = state.get("storage_dtype")
     if dtype_name not in ("float32", "bfloat16"):
         raise ValueError(f"state: storage_dtype must be 'float32' or 'bfloat16', got {dtype_name!r}")
@@ -107,19 +122,24 @@ def _from_state_dict(state: Any, named: dict[str, nn.Parameter]) -> EWCState:
     if not isinstance(tasks, list) or (mode == "online" and len(tasks) > 1):
         raise ValueError(f"state: '{TASKS_KEY}' (the stored tasks) must be a list (at most one task in online mode)")
     clean = [_task_from_dict(t, task, storage) for t, task in enumerate(tasks)]
-    _check_fits_model(clean, named)
-    placed = [TaskRecord(_place(task.fisher, named), _place(task.star, named)) for task in clean]
-    return EWCState(lam, mode, gamma, norm_stats, storage, placed)
+    _check_fits_model(clean, model, named)
+    if structure == "diag" and any(t.kron for t in clean):
+        raise ValueError("state: structure 'diag' with stored Kronecker factors ('kron'); expected structure 'kfac'")
+    placed = [TaskRecord(_place(task.fisher, named), _place(task.star, named), task.kron) for task in clean]
+    return EWCState(lam, mode, gamma, norm_stats, storage, placed, structure)
 
 
 def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
-    if not isinstance(task, dict) or set(task) != {"fisher", "star"}:
-        raise ValueError(f"state: task {t} must have exactly the keys 'fisher' and 'star'")
+    if not isinstance(task, dict) or not {"fisher", "star"} <= set(task) <= {"fisher", "star", "kron"}:
+        raise ValueError(f"state: task {t} must have the keys 'fisher' and 'star' (and 'kron' for structure 'kfac')")
     fisher, star = task["fisher"], task["star"]
-    if set(fisher) != set(star):
+    kron = _kron_from_dict(t, task.get("kron", {}), storage)
+    in_kron = {param_name(m, k) for m in kron for k in ("weight", "bias")}
+    if not set(fisher) <= set(star) or not set(star) - set(fisher) <= in_kron:
         raise ValueError(f"state: task {t}: 'fisher' and 'star' name different parameters")
-    for n in fisher:
-        f, s = fisher[n], star[n]
+    for n in star:
+        s = star[n]
+        f = fisher.get(n, s.abs() if isinstance(s, torch.Tensor) else s)  # θ* only: its own check
         if not isinstance(f, torch.Tensor) or not isinstance(s, torch.Tensor) or f.shape != s.shape:
             raise ValueError(f"state: task {t}, parameter '{n}': F and θ* must be tensors of one shape")
         f, s = sharding.local(f), sharding.local(s)  # this rank's part (the other ranks check theirs)
@@ -130,6 +150,7 @@ def _task_from_dict(t: int, task: Any, storage: torch.dtype) -> TaskRecord:
     return TaskRecord(
         fisher={n: v.detach().to(storage) for n, v in fisher.items()},
         star={n: v.detach().to(storage) for n, v in star.items()},
+        kron=kron,
     )
 
 
@@ -154,8 +175,29 @@ def _place(tensors: dict[str, torch.Tensor], named: dict[str, nn.Parameter]) -> 
     return out
 
 
-def _check_fits_model(tasks: list[TaskRecord], named: dict[str, nn.Parameter]) -> None:
+def _kron_from_dict(t: int, kron: Any, storage: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A task's Kronecker factors, checked: per layer two finite square tensors A and G."""
+    if not isinstance(kron, dict):
+        raise ValueError(f"state: task {t}: 'kron' must map layer names to {{'A': A, 'G': G}}")
+    out = {}
+    for m, pair in kron.items():
+        if not isinstance(pair, dict) or set(pair) != {"A", "G"}:
+            raise ValueError(f"state: task {t}, layer '{m}': expected exactly the factors 'A' and 'G'")
+        for what in ("A", "G"):
+            f = pair[what]
+            if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != f.shape[1]:
+                raise ValueError(f"state: task {t}, layer '{m}': factor {what} must be a square matrix")
+            if not torch.isfinite(f.float()).all():
+                raise ValueError(f"state: task {t}, layer '{m}': factor {what} has non-finite values")
+        out[m] = (pair["A"].detach().to(storage), pair["G"].detach().to(storage))
+    return out
+
+
+def _check_fits_model(tasks: list[TaskRecord], model: nn.Module, named: dict[str, nn.Parameter]) -> None:
     # At load time, not at the first penalty: a state for another model fails where it is loaded.
+    kron = kron_misfit(stored_layers(tasks), sharding.unwrap(model))
+    if kron is not None:
+        raise ValueError(f"state: {kron}")
     misfit = first_misfit(tasks, {n: p.shape for n, p in named.items()})
     if misfit is None:
         return
@@ -176,19 +218,25 @@ def write_file(state: EWCState, path: str) -> None:
     """
     from safetensors.torch import save_file
 
-    tensors, layout, group = {}, [], None
+    tensors, layout, kron_layout, group = {}, [], [], None
     for t, task in enumerate(state.tasks):
-        names = sorted(task.fisher)
+        names = sorted(task.star)
         layout.append(names)
         for i, n in enumerate(names):
-            group = group or distributed.mesh_group([task.fisher[n]])
-            tensors[f"{t}.fisher.{i}"] = sharding.gather(task.fisher[n]).detach().cpu().contiguous()
+            group = group or distributed.mesh_group([task.star[n]])
+            if n in task.fisher:
+                tensors[f"{t}.fisher.{i}"] = sharding.gather(task.fisher[n]).detach().cpu().contiguous()
             tensors[f"{t}.star.{i}"] = sharding.gather(task.star[n]).detach().cpu().contiguous()
+        layers = sorted(task.kron)
+        kron_layout.append(layers)
+        for j, m in enumerate(layers):
+            for what, f in zip("AG", task.kron[m]):
+                tensors[f"{t}.kron.{j}.{what}"] = f.detach().cpu().contiguous()
     if group is not None and distributed.rank(group) != 0:
         return
     config = to_state_dict(state)
     meta = {k: config[k] for k in _CONFIG_KEYS}
-    save_file(tensors, path, metadata={"ewc_rs": json.dumps({**meta, "layout": layout})})
+    save_file(tensors, path, metadata={"ewc_rs": json.dumps({**meta, "layout": layout, "kron_layout": kron_layout})})
 
 
 def read_file(path: str) -> dict[str, Any]:
@@ -210,11 +258,17 @@ def read_file(path: str) -> dict[str, Any]:
         if raw is None:
             raise ValueError(f"path: {path} is not an ewc_rs file (no 'ewc_rs' metadata)")
         meta = json.loads(raw)
-        tasks = [
-            {
-                "fisher": {n: fh.get_tensor(f"{t}.fisher.{i}") for i, n in enumerate(names)},
+        keys = set(fh.keys())
+        layouts = meta.pop("layout")
+        kron_layouts = meta.pop("kron_layout", [[] for _ in layouts])
+        tasks = []
+        for t, (names, layers) in enumerate(zip(layouts, kron_layouts)):
+            fisher_keys = {n: f"{t}.fisher.{i}" for i, n in enumerate(names)}
+            task: dict[str, Any] = {
+                "fisher": {n: fh.get_tensor(k) for n, k in fisher_keys.items() if k in keys},
                 "star": {n: fh.get_tensor(f"{t}.star.{i}") for i, n in enumerate(names)},
             }
-            for t, names in enumerate(meta.pop("layout"))
-        ]
+            if layers:
+                task["kron"] = {m: {w: fh.get_tensor(f"{t}.kron.{j}.{w}") for w in "AG"} for j, m in enumerate(layers)}
+            tasks.append(task)
     return {**meta, TASKS_KEY: tasks}

@@ -1,21 +1,26 @@
 """What EWC stores per consolidated task: the Fisher F and the anchor weights θ*, by parameter name.
 
 Separate mode keeps one :class:`TaskRecord` per task; online mode keeps one, folded by
-:func:`fold_online` (Schwarz et al. 2018: F ← γ F_old + F_new, θ* ← the latest weights).
+:func:`fold_online` (Schwarz et al. 2018: F ← γ F_old + F_new, θ* ← the latest weights). With
+``structure="kfac"`` a record also holds Kronecker factors (A, G) per layer (:mod:`.kfac_tasks`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from .kfac_tasks import fold_kron
+
 
 @dataclass(frozen=True)
 class TaskRecord:
-    """F and θ* of one task; both dicts name the same parameters, each F and θ* of one shape.
+    """F and θ* of one task: ``star`` names every protected parameter, ``fisher`` those with a
+    diagonal F (of θ*'s shape), ``kron`` the layers with Kronecker factors (A, G) instead, whose
+    weight and bias are in ``star`` only (``structure="kfac"``; empty otherwise).
 
     Frozen: a record is replaced, never edited (the dicts are not copied, so do not edit them
     either; the penalty plan built from a record would not notice).
@@ -23,6 +28,7 @@ class TaskRecord:
 
     fisher: dict[str, torch.Tensor]
     star: dict[str, torch.Tensor]
+    kron: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def snapshot(
@@ -55,6 +61,7 @@ class TaskRecord:
         return TaskRecord(
             fisher={n: t.to(device) for n, t in self.fisher.items()},
             star={n: t.to(device) for n, t in self.star.items()},
+            kron={m: (a.to(device), g.to(device)) for m, (a, g) in self.kron.items()},
         )
 
 
@@ -62,7 +69,9 @@ def fold_online(old: Optional[TaskRecord], new: TaskRecord, gamma: float, storag
     """Online EWC's one record after a consolidation: F ← γ F_old + F_new, θ* ← the new weights.
 
     Summed in float32, stored in ``storage_dtype``. Only the new record's parameters are kept; a
-    parameter whose shape changed since ``old`` starts afresh from its new Fisher.
+    parameter whose shape changed since ``old`` starts afresh from its new Fisher. Kronecker
+    factors: A ⊗ G ← the Frobenius-nearest Kronecker product to γ A_old ⊗ G_old + A_new ⊗ G_new
+    (:func:`ewc_rs.kfac_tasks.fold_kron`).
 
     Args:
         old: the record so far (None before the first consolidation).
@@ -80,7 +89,7 @@ def fold_online(old: Optional[TaskRecord], new: TaskRecord, gamma: float, storag
         prev = old.fisher.get(n)
         if prev is not None and prev.shape == f.shape:
             fisher[n] = (gamma * prev.to(f.device, torch.float32) + f.float()).to(storage_dtype)
-    return TaskRecord(fisher=fisher, star=new.star)
+    return TaskRecord(fisher=fisher, star=new.star, kron=fold_kron(old.kron, new.kron, gamma))
 
 
 def add_task(tasks: list[TaskRecord], new: TaskRecord, *, online: bool, gamma: float) -> list[TaskRecord]:
@@ -98,7 +107,7 @@ def add_task(tasks: list[TaskRecord], new: TaskRecord, *, online: bool, gamma: f
     """
     if not online:
         return [*tasks, new]
-    dtype = next(iter(new.fisher.values())).dtype if new.fisher else torch.float32
+    dtype = next(iter(new.star.values())).dtype if new.star else torch.float32
     return [fold_online(tasks[0] if tasks else None, new, gamma, dtype)]
 
 
@@ -116,8 +125,8 @@ def first_misfit(
         None when every stored F fits.
     """
     tasks = list(tasks)
-    for n in sorted({n for task in tasks for n in task.fisher}):
-        stored = [task.fisher[n].shape for task in tasks if n in task.fisher]
+    for n in sorted({n for task in tasks for n in task.star}):
+        stored = [task.star[n].shape for task in tasks if n in task.star]
         if n not in shapes:
             return n, stored[0], None
         for shape in stored:

@@ -6,6 +6,7 @@
 //! - `RootSpec`: the Fisher kind, the likelihood and the tensors they need.
 //! - `FisherSums`: the per-parameter sums of one estimation, fed batch by batch.
 
+use crate::bindings::kfac::KfacSums;
 use crate::error;
 use crate::fisher::driver::{self, Batch};
 use crate::fisher::roots::{self, FisherKind, Likelihood};
@@ -33,6 +34,15 @@ impl LayerRule {
     #[getter]
     fn module_type(&self) -> &str {
         &self.type_name
+    }
+
+    /// The weight as a KFAC matrix: `(inputs, outputs, transposed)` for a weight of this
+    /// shape (bias column not counted; `transposed`: stored [in, out]), or None when the rule
+    /// has no Kronecker-factored form (e.g. a grouped convolution, a normalisation layer).
+    fn kfac_form(&self, weight_shape: Vec<i64>) -> Option<(i64, i64, bool)> {
+        self.rule
+            .kfac_form(&weight_shape)
+            .map(|f| (f.inputs, f.outputs, f.transposed))
     }
 
     fn __repr__(&self) -> String {
@@ -65,6 +75,8 @@ pub fn layer_rule(module: &Bound<'_, PyAny>) -> PyResult<Option<LayerRule>> {
 ///     output: the layer's output, connected to the autograd graph.
 ///     weight_slot, bias_slot: where the weight and the bias sit in the estimation's parameter
 ///         list (`FisherSums`), or None when absent or handled elsewhere; at least one is given.
+///     kfac_site: the KFAC site (index in `KfacSums`) this call adds its factors to instead of
+///         squared gradients, or None.
 #[pyclass(module = "ewc_rs._core", frozen)]
 pub struct LayerCall {
     call: Mutex<driver::LayerCall>,
@@ -73,13 +85,14 @@ pub struct LayerCall {
 #[pymethods]
 impl LayerCall {
     #[new]
-    #[pyo3(signature = (*, rule, input, output, weight_slot=None, bias_slot=None))]
+    #[pyo3(signature = (*, rule, input, output, weight_slot=None, bias_slot=None, kfac_site=None))]
     fn new(
         rule: &LayerRule,
         input: PyTensor,
         output: PyTensor,
         weight_slot: Option<usize>,
         bias_slot: Option<usize>,
+        kfac_site: Option<usize>,
     ) -> PyResult<Self> {
         let (input, output) = (input.0, output.0);
         if weight_slot.is_none() && bias_slot.is_none() {
@@ -107,6 +120,7 @@ impl LayerCall {
                 input,
                 output,
                 slots: [weight_slot, bias_slot],
+                kfac: kfac_site,
             }),
         })
     }
@@ -114,11 +128,12 @@ impl LayerCall {
     fn __repr__(&self) -> String {
         let c = lock(&self.call);
         format!(
-            "LayerCall({:?}, input={:?}, output={:?}, slots={:?})",
+            "LayerCall({:?}, input={:?}, output={:?}, slots={:?}, kfac_site={:?})",
             c.rule,
             c.input.size(),
             c.output.size(),
-            c.slots
+            c.slots,
+            c.kfac
         )
     }
 }
@@ -132,6 +147,7 @@ impl LayerCall {
             input: c.input.shallow_clone(),
             output: c.output.shallow_clone(),
             slots: c.slots,
+            kfac: c.kfac,
         }
     }
 }
@@ -236,7 +252,8 @@ impl FisherSums {
     ///     calls: the recorded layer calls whose parameters the rules handle.
     ///     whole_slots: parameters whose whole gradient is squared as is (a pass over one
     ///         sample, or every parameter for the 'batched' kind).
-    #[pyo3(signature = (outputs, roots, *, calls=Vec::new(), whole_slots=Vec::new()))]
+    ///     kfac: where calls with a `kfac_site` add their Kronecker factors.
+    #[pyo3(signature = (outputs, roots, *, calls=Vec::new(), whole_slots=Vec::new(), kfac=None))]
     fn add_batch(
         &self,
         py: Python<'_>,
@@ -244,15 +261,19 @@ impl FisherSums {
         roots: &RootSpec,
         calls: Vec<PyRef<'_, LayerCall>>,
         whole_slots: Vec<usize>,
+        kfac: Option<PyRef<'_, KfacSums>>,
     ) -> PyResult<()> {
         let (outputs, spec, calls) = shared_batch(outputs, roots, &calls);
+        let kfac = kfac.as_ref().map(|k| &k.sums);
         let sums = &self.sums;
         py.allow_threads(move || {
             let roots = spec.build(&outputs)?;
+            let factors = kfac.map(lock);
             lock(sums).add_batch(&Batch {
                 roots,
                 calls: &calls,
                 whole: &whole_slots,
+                kfac: factors.as_deref(),
             })
         })?;
         Ok(())

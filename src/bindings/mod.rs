@@ -2,6 +2,7 @@
 //! penalty's entry points (`penalty`), and the mapping of crate errors to Python exceptions.
 
 pub mod fisher;
+pub mod kfac;
 pub mod penalty;
 
 use crate::error::EwcError;

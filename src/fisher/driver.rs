@@ -9,6 +9,7 @@
 use super::chunks::{add_to, chunks, SlotTotals};
 use super::rules::{Rule, Want};
 use crate::error::{value_err, Context, Result};
+use crate::kfac::factors::KfacSums;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -22,6 +23,9 @@ pub struct LayerCall {
     /// Index of the weight and of the bias in the estimation's parameters (None: absent, or
     /// handled elsewhere).
     pub slots: [Option<usize>; 2],
+    /// The KFAC site this call feeds (`Batch::kfac`): its parameters then get Kronecker factors
+    /// instead of squared gradients.
+    pub kfac: Option<usize>,
 }
 
 impl LayerCall {
@@ -89,6 +93,8 @@ pub struct Batch<'a> {
     pub roots: Vec<Tensor>,
     pub calls: &'a [LayerCall],
     pub whole: &'a [usize],
+    /// Where calls with a KFAC site add their factors (needed when any call has one).
+    pub kfac: Option<&'a KfacSums>,
 }
 
 impl FisherSums {
@@ -154,6 +160,16 @@ impl FisherSums {
         for s in batch.whole {
             self.check_slot(*s)?;
         }
+        for c in batch.calls {
+            if let Some(site) = c.kfac {
+                let Some(kfac) = batch.kfac else {
+                    return value_err(
+                        "calls: a layer call has a kfac_site but no kfac sums were given",
+                    );
+                };
+                kfac.add_input(site, c.rule.as_ref(), &c.input)?;
+            }
+        }
         let uses = Uses::of(batch.calls);
         let mut inputs: Vec<&Tensor> = batch.calls.iter().map(|c| &c.output).collect();
         inputs.extend(batch.whole.iter().map(|s| &self.params[*s]));
@@ -178,7 +194,9 @@ impl FisherSums {
                 if !g.defined() {
                     continue;
                 }
-                if uses.shared(c) {
+                if let (Some(site), Some(kfac)) = (c.kfac, batch.kfac) {
+                    kfac.add_grad(site, c.rule.as_ref(), g)?;
+                } else if uses.shared(c) {
                     shared.push((c, g));
                 } else if c.rule.is_outer_product(&c.input) {
                     add_to(g2, g.to_kind(Kind::Float).square());

@@ -2,7 +2,7 @@
 
     python -m ewc_rs.demo seed     [--data DIR] [--out DIR] [--quick] [--device cpu] [--seed 0] [--lam 100]
     python -m ewc_rs.demo permuted [--data DIR] [--out DIR] [--quick] [--device cpu] [--seed 0] [--lam 1000]
-                                   [--tasks 5]
+                                   [--tasks 5] [--methods none,ewc_exact,kfac]
 
 Each prints a table and writes JSON plus PNG figures into ``--out`` (default ``demo_out``); without
 matplotlib the figures are skipped, with one line saying how to get them.
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="λ of ewc_exact, ewc_empirical, ewc_mc (batched: 100 × λ); default: the validation sweep's choice",
     )
     p_perm.add_argument("--tasks", type=int, default=None, help="number of tasks (default 5; quick: 3)")
+    p_perm.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods, e.g. none,ewc_exact,kfac (default: none, l2, ewc_exact, ewc_empirical, "
+        "ewc_mc, ewc_batched; also kfac, kfac_online)",
+    )
     return parser
 
 
@@ -79,8 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 progress=args.progress,
             )
         else:
-            from .permuted import run_permuted
+            from .permuted import METHODS, run_permuted
 
+            methods = METHODS if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
             run_permuted(
                 args.data,
                 args.out,
@@ -89,6 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 device=args.device,
                 seed=args.seed,
                 lam=args.lam,
+                methods=methods,
                 progress=args.progress,
             )
     except DataError as exc:

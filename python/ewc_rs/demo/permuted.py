@@ -19,6 +19,12 @@ Methods (keys of ``OUT/permuted.json``'s ``"permuted"``):
     ``EWC(model, λ, mode="separate")``, one (F_t, θ*_t) pair per task, with
     ``consolidate(loader, kind=...)`` on 2000 training images of the task just learned
     (``mc``: one label drawn per image, seeded). λ = 100 (exact), 300 (empirical), 100 (mc).
+``kfac``, ``kfac_online`` (not in the default run; ``--methods``)
+    Kronecker-factored EWC (Ritter et al. 2018): ``EWC(model, λ, structure="kfac")`` with the
+    ``exact`` Fisher on the same 2000 images, one (A, G) pair per layer and task (``kfac``) or
+    one folded pair per layer (``kfac_online``, γ = 1). λ = 3 for both, from the same validation
+    sweep (its Kronecker penalty couples the weights of a layer, and is larger than the diagonal's
+    for the same λ).
 ``ewc_batched``
     The seed article's estimator (square of each batch-mean gradient, ≈ 1/batch_size of the
     Fisher), from up to 300 batches of 100 (all 80 batches here), λ = 3e4 (the sweep's best lies,
@@ -56,10 +62,23 @@ from ..ewc import EWC
 from .models import permuted_mlp
 from .train import TensorLoader, accuracy, load_data, subset, train_task
 
-__all__ = ["METHODS", "PERMUTED_CONFIG", "QUICK_CONFIG", "L2Anchor", "make_tasks", "run_method", "run_permuted"]
+__all__ = [
+    "ALL_METHODS",
+    "METHODS",
+    "PERMUTED_CONFIG",
+    "QUICK_CONFIG",
+    "L2Anchor",
+    "make_tasks",
+    "run_method",
+    "run_permuted",
+]
 
 METHODS = ("none", "l2", "ewc_exact", "ewc_empirical", "ewc_mc", "ewc_batched")
+#: Every method ``run_method`` knows; ``METHODS`` is the default run.
+ALL_METHODS = (*METHODS, "kfac", "kfac_online")
 
+KFAC_LAM = 3.0
+KFAC_ONLINE_LAM = 3.0
 PERMUTED_CONFIG: dict[str, Any] = {
     "tasks": 5,
     "train_samples": None,  # all
@@ -67,7 +86,15 @@ PERMUTED_CONFIG: dict[str, Any] = {
     "batch_size": 100,
     "lr": 1e-3,
     # Chosen by the validation sweep (python -m ewc_rs.demo.sweep; see the module docstring).
-    "lam": {"l2": 3e-4, "ewc_exact": 100.0, "ewc_empirical": 300.0, "ewc_mc": 100.0, "ewc_batched": 3e4},
+    "lam": {
+        "l2": 3e-4,
+        "ewc_exact": 100.0,
+        "ewc_empirical": 300.0,
+        "ewc_mc": 100.0,
+        "ewc_batched": 3e4,
+        "kfac": KFAC_LAM,
+        "kfac_online": KFAC_ONLINE_LAM,
+    },
     "fisher_samples": 2000,
     "fisher_samples_batched": 30000,  # 300 batches of 100, capped by the data
 }
@@ -138,8 +165,8 @@ def run_method(
 ) -> list[list[float]]:
     """Learns ``tasks`` in order with one method; returns the accuracy matrix
     ``acc[i][j]`` = test accuracy on task j after learning task i (j ≤ i)."""
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
     model = permuted_mlp(seed).to(device)
     lam = cfg["lam"].get(method)
     reg: Any = None
@@ -147,6 +174,8 @@ def run_method(
         reg = L2Anchor(model, lam)
     elif method.startswith("ewc_"):
         reg = EWC(model, lam, mode="separate")
+    elif method.startswith("kfac"):
+        reg = EWC(model, lam, mode="online" if method == "kfac_online" else "separate", structure="kfac")
     gen = torch.Generator().manual_seed(seed + 7)
     matrix: list[list[float]] = []
     for t, (xtr, ytr, _, _) in enumerate(tasks):
@@ -163,8 +192,8 @@ def run_method(
         if t + 1 < len(tasks):  # consolidate the task just learned (not needed after the last)
             if method == "l2":
                 reg.consolidate()
-            elif method.startswith("ewc_"):
-                kind = method[len("ewc_") :]
+            elif method.startswith(("ewc_", "kfac")):
+                kind = method[len("ewc_") :] if method.startswith("ewc_") else "exact"
                 fisher_loader = TensorLoader(xtr, ytr, cfg["batch_size"], shuffle=True, seed=seed * 100 + 50 + t)
                 if kind == "batched":
                     reg.consolidate(
@@ -206,7 +235,7 @@ def run_permuted(
         device: torch device.
         seed: seed of weights, batch order, permutations and MC draws.
         lam: λ of ewc_exact/empirical/mc (batched: 100 × lam); None keeps the chosen values.
-        methods: which methods to run.
+        methods: which methods to run (:data:`ALL_METHODS`; default :data:`METHODS`).
         progress: tqdm bars.
         verbose: print the table and timings.
 
@@ -215,6 +244,11 @@ def run_permuted(
     """
     from .plots import plot_matrices, plot_permuted, plots_available
 
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"--methods: expected names among {', '.join(ALL_METHODS)}; got {', '.join(methods) or 'none'}"
+        )
     with_plots = plots_available()  # said now, not after minutes of training
     cfg = dict(QUICK_CONFIG if quick else PERMUTED_CONFIG)
     cfg["lam"] = dict(cfg["lam"])

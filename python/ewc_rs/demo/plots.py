@@ -82,9 +82,9 @@ def plot_permuted(
     fig = _new_figure((6, 4))
     ax = fig.subplots()
     for method, c in curves.items():
-        ax.plot(range(1, len(c) + 1), c, marker="o", label=method)
+        ax.plot(range(1, len(c) + 1), c, marker="o" if len(c) <= 20 else None, label=method)
     n = max((len(c) for c in curves.values()), default=1)
-    ax.set_xticks(range(1, n + 1))
+    ax.set_xticks(range(1, n + 1) if n <= 20 else [1, *range(5, n + 1, 5)])
     ax.set_xlabel("number of tasks learned")
     ax.set_ylabel("average test accuracy over tasks seen")
     ax.set_title(title)

@@ -1,7 +1,7 @@
 //! `nn.Conv1d` / `nn.Conv2d` (zero padding, any stride, dilation and groups): the per-sample
 //! weight gradient is g_n · unfold(a_n)ᵀ per group, an unfold and a batched matmul.
 
-use super::{Rule, Slots, Want};
+use super::{KfacForm, Rule, Slots, Want};
 use crate::error::{value_err, Context, Result};
 use pyo3::prelude::*;
 use std::sync::Arc;
@@ -200,6 +200,43 @@ impl Rule for Conv {
             .bias
             .then(|| g3.sum_dim_intlist(3, false, Kind::Float).reshape([n, cout]));
         Ok([w, b])
+    }
+
+    /// Groups > 1 make the weight block-diagonal: no single Kronecker pair, so no KFAC form.
+    fn kfac_form(&self, weight_shape: &[i64]) -> Option<KfacForm> {
+        if self.groups != 1 || weight_shape.len() != 2 + self.dims {
+            return None;
+        }
+        Some(KfacForm {
+            inputs: weight_shape[1..].iter().product(),
+            outputs: weight_shape[0],
+            transposed: false,
+        })
+    }
+
+    /// The unfolded patches, one row per sample and output position (Grosse & Martens 2016),
+    /// columns in the weight's (channel, kernel row, kernel column) order.
+    fn kfac_input_rows(&self, a: &Tensor) -> Result<Tensor> {
+        let a = if self.dims == 1 {
+            a.unsqueeze(2)
+        } else {
+            a.shallow_clone()
+        };
+        let unf = self.as_2d().unfold(&a.to_kind(Kind::Float))?;
+        let cols = unf.size()[1];
+        unf.f_transpose(1, 2)
+            .and_then(|t| t.f_reshape([-1, cols]))
+            .ctx("conv rule (KFAC input rows)")
+    }
+
+    fn kfac_grad_rows(&self, g: &Tensor) -> Result<Tensor> {
+        let s = g.size();
+        let (n, cout) = (s[0], s[1]);
+        g.to_kind(Kind::Float)
+            .f_reshape([n, cout, -1])
+            .and_then(|t| t.f_transpose(1, 2))
+            .and_then(|t| t.f_reshape([-1, cout]))
+            .ctx("conv rule (KFAC gradient rows)")
     }
 
     /// The unfolded input plus the per-sample weight gradient (and the output gradient).

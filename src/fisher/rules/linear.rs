@@ -2,7 +2,7 @@
 //! transformers' `Conv1D`, GPT-2's linear layer, W `[in, out]`), with any number of dims between
 //! the sample dim and the features. One rule; the weight's layout is its only setting.
 
-use super::{sum_middle, Rule, Slots, Want};
+use super::{sum_middle, KfacForm, Rule, Slots, Want};
 use crate::error::{Context, Result};
 use pyo3::prelude::*;
 use std::sync::Arc;
@@ -93,6 +93,38 @@ impl Rule for Linear {
         let b = want.bias.then(|| g2.sum_dim_intlist(0, false, Kind::Float));
         Ok([w, b])
     }
+
+    fn kfac_form(&self, weight_shape: &[i64]) -> Option<KfacForm> {
+        let &[rows, cols] = weight_shape else {
+            return None;
+        };
+        let transposed = self.layout == WeightLayout::InOut;
+        let (inputs, outputs) = if transposed {
+            (rows, cols)
+        } else {
+            (cols, rows)
+        };
+        Some(KfacForm {
+            inputs,
+            outputs,
+            transposed,
+        })
+    }
+
+    /// Every position of `[N, ..., in]` is a row (KFAC-expand).
+    fn kfac_input_rows(&self, a: &Tensor) -> Result<Tensor> {
+        let fin = *a.size().last().unwrap_or(&1);
+        a.to_kind(Kind::Float)
+            .f_reshape([-1, fin])
+            .ctx("linear rule (KFAC input rows)")
+    }
+
+    fn kfac_grad_rows(&self, g: &Tensor) -> Result<Tensor> {
+        let fout = *g.size().last().unwrap_or(&1);
+        g.to_kind(Kind::Float)
+            .f_reshape([-1, fout])
+            .ctx("linear rule (KFAC gradient rows)")
+    }
 }
 
 #[cfg(test)]
@@ -181,11 +213,13 @@ mod tests {
             input: a.shallow_clone(),
             output: out.shallow_clone(),
             slots: [Some(0), Some(1)],
+            kfac: None,
         }];
         let batch = Batch {
             roots: roots.iter().map(Tensor::shallow_clone).collect(),
             calls: &calls,
             whole: &[],
+            kfac: None,
         };
         sums.add_batch(&batch).unwrap();
         let mut want = [w.zeros_like(), b.zeros_like()];

@@ -47,6 +47,16 @@ impl Want {
 /// Per-parameter results of a rule: index 0 is the weight, index 1 the bias.
 pub type Slots = [Option<Tensor>; 2];
 
+/// A layer's weight as the matrix of its Kronecker-factored Fisher block (`crate::kfac`):
+/// `outputs` rows, `inputs` columns (bias column not counted); `transposed` when the weight is
+/// stored `[in, out]` (transformers' `Conv1D`), else it is `weight.reshape(out, -1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KfacForm {
+    pub inputs: i64,
+    pub outputs: i64,
+    pub transposed: bool,
+}
+
 /// The maths of one layer type.
 pub trait Rule: Send + Sync + fmt::Debug {
     /// Per-sample gradients `[n, *param_shape]` of the requested parameters.
@@ -81,6 +91,29 @@ pub trait Rule: Send + Sync + fmt::Debug {
     /// root's outer products add up the same way. Nothing per sample is materialised.
     fn outer_product_sum_sq(&self, _a: &Tensor, _g2: &Tensor, _want: Want) -> Result<Slots> {
         value_err(format!("{self:?}: this rule has no outer-product form"))
+    }
+
+    /// KFAC: the weight as a matrix (see `KfacForm`), or None when this rule has no
+    /// Kronecker-factored form (its parameters then get the diagonal Fisher).
+    fn kfac_form(&self, _weight_shape: &[i64]) -> Option<KfacForm> {
+        None
+    }
+
+    /// KFAC: the rows whose outer products make the input factor, `[rows, inputs]` in float32
+    /// (a Linear's input with its leading dims flattened; a convolution's unfolded patches, one
+    /// row per sample and output position). Only called when `kfac_form` is `Some`.
+    fn kfac_input_rows(&self, _a: &Tensor) -> Result<Tensor> {
+        value_err(format!(
+            "{self:?}: this rule has no Kronecker-factored form"
+        ))
+    }
+
+    /// KFAC: the output gradient as rows `[rows, outputs]` in float32, row for row with
+    /// `kfac_input_rows`.
+    fn kfac_grad_rows(&self, _g: &Tensor) -> Result<Tensor> {
+        value_err(format!(
+            "{self:?}: this rule has no Kronecker-factored form"
+        ))
     }
 
     /// How many samples fit in `budget` bytes of per-sample intermediates.
