@@ -29,7 +29,29 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: setup build demo test test-rust test-python lint bench wheel clean
+# Other torch lines (README, "Torch versions"): one manifest each, build-torch-X.Y/Cargo.toml, for the
+# same src/. `make test-core TORCH=2.13` makes .venv-torch2.13 with that torch and the core test needs,
+# builds ewc_rs there with the README's `pip install --no-build-isolation .` (the in-tree backend picks
+# the line's manifest) and runs CORE_TESTS; `make wheels` builds one wheel per supported line into dist/.
+SUPPORTED := $(shell $(PYTHON) -c "import runpy; print(*runpy.run_path('$(TORCH_VERSION_FILE)')['SUPPORTED_TORCH_VERSIONS'])")
+DEFAULT_LINE := $(basename $(TORCH_VERSION))
+TORCH ?= 2.13
+LINE_VERSION = $(filter $(TORCH).%,$(SUPPORTED))
+# The default line builds its wheel in .venv; another line has its own venv.
+LINE_VENV = $(if $(filter $(TORCH),$(DEFAULT_LINE)),$(VENV),.venv-torch$(TORCH))
+LINE_PY = $(LINE_VENV)/bin/python
+# Cargo target dirs of the other lines live outside the clone, so that CI on the same machine reuses
+# the compiled torch-sys (a fresh machine builds them from scratch).
+EWC_RS_CACHE ?= $(HOME)/.cache/ewc_rs
+LINE_ENV = env VIRTUAL_ENV=$(abspath $(LINE_VENV)) PATH=$(abspath $(LINE_VENV))/bin:$$PATH \
+	CARGO_TARGET_DIR=$(EWC_RS_CACHE)/target-torch$(TORCH)
+# The core tests: those that need no transformers, lightning, peft, avalanche, notebooks or demo data.
+# `make test-core` runs them on another torch line; `make test` runs every test on the default line.
+CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py tests/test_boundary.py \
+	tests/test_sequences.py tests/test_persistence.py tests/test_attention.py tests/test_norm_stats.py \
+	tests/test_reference.py
+
+.PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +97,37 @@ bench: build
 wheel: setup
 	maturin build --release --auditwheel skip -o dist
 
+check-line:
+	@test -n "$(LINE_VERSION)" || { echo "TORCH=$(TORCH) is not a supported torch line; supported: $(SUPPORTED)"; exit 1; }
+
+# The venv of another torch line: that torch (pinned by a constraint) and requirements-core.txt.
+setup-line: check-line $(if $(filter $(TORCH),$(DEFAULT_LINE)),setup)
+	@if [ ! -f $(LINE_VENV)/.deps-$(LINE_VERSION) ] || [ requirements-core.txt -nt $(LINE_VENV)/.deps-$(LINE_VERSION) ]; then \
+		set -e; test -x $(LINE_PY) || $(PYTHON) -m venv $(LINE_VENV); \
+		$(LINE_PY) -m pip install -q --upgrade pip; \
+		echo "torch==$(LINE_VERSION)" > $(LINE_VENV)/torch-constraint.txt; \
+		$(LINE_PY) -m pip install -q torch==$(LINE_VERSION) -c $(LINE_VENV)/torch-constraint.txt -r requirements-core.txt; \
+		rm -f $(LINE_VENV)/.deps-*; touch $(LINE_VENV)/.deps-$(LINE_VERSION); \
+	fi
+
+# The README's install command, run in the line's venv (cargo's incremental build makes reruns quick).
+build-line: setup-line
+	$(LINE_ENV) $(LINE_PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall .
+
+test-core: build-line
+	$(LINE_ENV) $(LINE_PY) -c "import ewc_rs, torch; print('ewc_rs', ewc_rs.__version__, 'with torch', torch.__version__)"
+	$(LINE_ENV) $(LINE_PY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+
+wheel-line: setup-line
+	$(LINE_ENV) $(LINE_PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+
+# One abi3 wheel per supported torch line (local version +torchXY), and dist/index.html listing them
+# (a find-links page: pip install ewc_rs==0.1.0+torch213 -f dist/index.html).
+wheels:
+	rm -f dist/ewc_rs-*.whl
+	for v in $(SUPPORTED); do $(MAKE) --no-print-directory wheel-line TORCH=$${v%.*} || exit 1; done
+	$(PYTHON) scripts/wheel_index.py dist
+
 clean:
 	cargo clean
-	rm -rf $(VENV) dist $(OUT)
+	rm -rf $(VENV) .venv-torch* dist $(OUT)
