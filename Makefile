@@ -75,9 +75,9 @@ demo: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
-	$(PY) -m ruff check python tests benchmarks
-	$(PY) -m ruff format --check python tests benchmarks
-	$(PY) -m mypy python/ewc_rs
+	$(PY) -m ruff check python tests benchmarks build_backend scripts
+	$(PY) -m ruff format --check python tests benchmarks build_backend scripts
+	$(PY) -m mypy python/ewc_rs build_backend scripts
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
 test-rust: build

@@ -6,11 +6,14 @@ The builds themselves are checked by ``make test-core TORCH=X.Y`` (CI runs it fo
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.metadata
 import importlib.util
 import re
 import runpy
 import sys
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -134,3 +137,37 @@ def test_wheel_index_lists_the_wheels(tmp_path: Path) -> None:
     page = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert sorted(re.findall(r'href="([^"]+)"', page)) == sorted(names)
     assert script.main([str(tmp_path / "empty")]) == 1
+
+
+def test_metadata_pins_the_torch_of_the_build(backend: ModuleType) -> None:
+    metadata = (
+        "Metadata-Version: 2.4\nName: ewc_rs\nVersion: 0.1.0+torch213\n"
+        "Requires-Dist: torch>=2.9.0,!=2.12.*,<2.14\nRequires-Dist: numpy\n"
+        "Requires-Dist: torchvision==0.26.0 ; extra == 'avalanche'\n"
+    )
+    pinned = backend.pin_torch(metadata, "2.13.0+cu130")
+    assert pinned == metadata.replace("torch>=2.9.0,!=2.12.*,<2.14", "torch==2.13.0")
+
+
+def test_wheel_metadata_and_record_are_rewritten_together(backend: ModuleType, tmp_path: Path) -> None:
+    wheel = tmp_path / "ewc_rs-0.1.0+torch213-cp39-abi3-linux_x86_64.whl"
+    info = "ewc_rs-0.1.0+torch213.dist-info"
+    metadata = b"Name: ewc_rs\nRequires-Dist: torch>=2.9.0,<2.14\nRequires-Dist: tqdm\n"
+    module = b"print('hi')\n"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("ewc_rs/__init__.py", module)
+        zf.writestr(f"{info}/METADATA", metadata)
+        record = [
+            backend._record_line(name, data)
+            for name, data in [("ewc_rs/__init__.py", module), (f"{info}/METADATA", metadata)]
+        ]
+        zf.writestr(f"{info}/RECORD", "\n".join([*record, f"{info}/RECORD,,"]) + "\n")
+    backend.pin_torch_in_wheel(wheel, "2.13.0")
+    with zipfile.ZipFile(wheel) as zf:
+        new_metadata = zf.read(f"{info}/METADATA")
+        rows = {row.split(",")[0]: row for row in zf.read(f"{info}/RECORD").decode().splitlines()}
+        assert zf.read("ewc_rs/__init__.py") == module
+    assert new_metadata == b"Name: ewc_rs\nRequires-Dist: torch==2.13.0\nRequires-Dist: tqdm\n"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(new_metadata).digest()).rstrip(b"=").decode()
+    assert rows[f"{info}/METADATA"] == f"{info}/METADATA,sha256={digest},{len(new_metadata)}"
+    assert rows["ewc_rs/__init__.py"] == record[0]
