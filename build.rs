@@ -11,12 +11,16 @@ const LINES: [&str; 7] = ["2_9", "2_10", "2_11", "2_12", "2_13", "2_14", "2_15"]
 
 fn main() {
     // torch-sys (`links = "tch"`) passes the libtorch lib dir it linked as DEP_TCH_LIBTORCH_LIB.
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB");
     let version = torch_version(Path::new(&lib));
     let release = version.split('+').next().unwrap_or(&version).to_owned();
     let line: Vec<&str> = release.split('.').take(2).collect();
     let cfg = format!("torch_{}", line.join("_"));
-    println!("cargo:rustc-check-cfg=cfg(torch_{})", LINES.join(", torch_"));
+    println!(
+        "cargo:rustc-check-cfg=cfg(torch_{})",
+        LINES.join(", torch_")
+    );
     println!("cargo:rustc-cfg={cfg}");
     println!("cargo:rustc-env=EWC_RS_TORCH_VERSION={release}");
 }
@@ -32,7 +36,11 @@ fn torch_version(lib: &Path) -> String {
     if let Ok(text) = std::fs::read_to_string(&version_py) {
         // torch/version.py: `__version__ = '2.13.0+cu130'`
         let found = text.lines().find_map(|l| {
-            let rest = l.strip_prefix("__version__")?.trim_start().strip_prefix('=')?.trim();
+            let rest = l
+                .strip_prefix("__version__")?
+                .trim_start()
+                .strip_prefix('=')?
+                .trim();
             Some(rest.trim_matches(|c| c == '\'' || c == '"').to_owned())
         });
         if let Some(v) = found {
@@ -42,5 +50,10 @@ fn torch_version(lib: &Path) -> String {
     if let Ok(text) = std::fs::read_to_string(&build_version) {
         return text.trim().to_owned();
     }
-    panic!("no torch version next to libtorch's {}: neither {} nor {}", lib.display(), version_py.display(), build_version.display())
+    panic!(
+        "no torch version next to libtorch's {}: neither {} nor {}",
+        lib.display(),
+        version_py.display(),
+        build_version.display()
+    )
 }

@@ -25,6 +25,7 @@ log="$cache/try-torch$version.log"
 mkdir -p "$cache" "$try"
 : > "$log"
 step() { echo "== $*" | tee -a "$log"; "$@" >> "$log" 2>&1; local rc=$?; echo "   exit $rc" | tee -a "$log"; return $rc; }
+built=
 
 if [ ! -x "$venv/bin/python" ]; then
     step python3 -m venv "$venv" || exit 1
@@ -38,10 +39,20 @@ echo "== torch $version with $(grep -o 'tch = { version = "=[0-9.]*"' "$try/Carg
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$cache/target-try-torch$line"
 export LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
 export MATURIN_PEP517_ARGS="--manifest-path $try/Cargo.toml"
-if ! step python -m pip install -q --no-build-isolation --no-deps --force-reinstall .; then
-    echo "build failed; the first compiler errors:" | tee -a "$log"
-    grep -m 20 -E "error|Error" "$log" | cut -c1-300
-    exit 1
+build() { step python -m pip install -q --no-build-isolation --no-deps --force-reinstall .; }
+if ! build; then
+    # torch >= 2.14's headers require C++20 while torch-sys compiles its wrapper with -std=c++17;
+    # cc-rs puts CXXFLAGS after its own flags, so a later -std=c++20 wins: try once more with it.
+    if grep -q "C++20 or later compatible compiler is required" "$log" && [ -z "${CXXFLAGS:-}" ]; then
+        echo "== torch $version's headers need C++20: building again with CXXFLAGS=-std=c++20" | tee -a "$log"
+        export CXXFLAGS=-std=c++20
+        build && built=1
+    fi
+    if [ -z "${built:-}" ]; then
+        echo "build failed; the compiler's errors:" | tee -a "$log"
+        grep -E "^ *cargo:warning=.*error:|^error" "$log" | sed 's/^ *cargo:warning=//' | sort -u | head -20 | cut -c1-300
+        exit 1
+    fi
 fi
 core_tests=$(sed -n '/^CORE_TESTS :=/,/[^\\]$/p' Makefile | sed 's/^CORE_TESTS :=//; s/\\//g' | tr -s ' \n' ' ')
 step python -c "import ewc_rs, torch; print('ewc_rs', ewc_rs.__version__, 'with torch', torch.__version__)" || {

@@ -20,7 +20,10 @@ const MARKER: &str = concat!("ewc_rs built for torch ", env!("EWC_RS_TORCH_VERSI
 /// that the marker is in the binary (`black_box`: not folded away).
 pub fn torch_version() -> &'static str {
     let marker = std::hint::black_box(MARKER);
-    marker.strip_prefix("ewc_rs built for torch ").and_then(|v| v.strip_suffix(';')).unwrap_or(marker)
+    marker
+        .strip_prefix("ewc_rs built for torch ")
+        .and_then(|v| v.strip_suffix(';'))
+        .unwrap_or(marker)
 }
 
 #[cfg(test)]
@@ -30,6 +33,9 @@ mod tests {
     #[test]
     fn the_marker_holds_the_linked_version() {
         assert_eq!(torch_version(), TORCH_VERSION);
-        assert!(TORCH_VERSION.split('.').count() == 3 && !TORCH_VERSION.contains('+'), "{TORCH_VERSION}");
+        assert!(
+            TORCH_VERSION.split('.').count() == 3 && !TORCH_VERSION.contains('+'),
+            "{TORCH_VERSION}"
+        );
     }
 }
