@@ -129,8 +129,14 @@ def test_readme_names_the_supported_versions() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert _torch_version() in set(re.findall(r"torch==(\d+\.\d+\.\d+)", readme))
     assert set(re.findall(r"torch==(\d+\.\d+\.\d+)", readme)) <= set(_supported())
-    table = set(re.findall(r"^\| (\d+\.\d+\.\d+) \|", readme, re.MULTILINE))
-    assert table == set(_supported()), "README's 'Torch versions' table"
+    header = "| torch | tch / torch-sys / pyo3-tch | verified |"
+    assert header in readme, "README: no 'Torch versions' table"
+    rows = readme.split(header, 1)[1].split("\n\n", 1)[0]
+    table = re.findall(r"^\| (\d+\.\d+\.\d+) \| (\S+) \|", rows, re.MULTILINE)
+    assert {v for v, _ in table} == set(_supported()), "README's 'Torch versions' table"
+    for version, tch in table:
+        line = _toml(REPO / _versions()["build_dir"](version) / "Cargo.toml")
+        assert tch == _tch_version(line), f"README says tch {tch} for torch {version}"
 
 
 def _imported_modules(path: Path) -> set[str]:
