@@ -30,21 +30,23 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
 # Other torch lines (README, "Torch versions"): one manifest each, build-torch-X.Y/Cargo.toml, for the
-# same src/. `make test-core TORCH=2.13` makes .venv-torch2.13 with that torch and the core test needs,
-# builds ewc_rs there with the README's `pip install --no-build-isolation .` (the in-tree backend picks
-# the line's manifest) and runs CORE_TESTS; `make wheels` builds one wheel per supported line into dist/.
+# same src/. `make test-core TORCH=2.13` makes a venv with that torch and the core test needs, builds
+# ewc_rs there with the README's `pip install --no-build-isolation .` (the in-tree backend picks the
+# line's manifest) and runs CORE_TESTS; `make wheels` builds one wheel per supported line into dist/.
 SUPPORTED := $(shell $(PYTHON) -c "import runpy; print(*runpy.run_path('$(TORCH_VERSION_FILE)')['SUPPORTED_TORCH_VERSIONS'])")
 DEFAULT_LINE := $(basename $(TORCH_VERSION))
 TORCH ?= 2.13
 LINE_VERSION = $(filter $(TORCH).%,$(SUPPORTED))
-# The default line builds its wheel in .venv; another line has its own venv.
-LINE_VENV = $(if $(filter $(TORCH),$(DEFAULT_LINE)),$(VENV),.venv-torch$(TORCH))
-LINE_PY = $(LINE_VENV)/bin/python
-# Cargo target dirs of the other lines live outside the clone, so that CI on the same machine reuses
-# the compiled torch-sys (a fresh machine builds them from scratch).
+# The venv and cargo target dir of another line live outside the clone, in EWC_RS_CACHE, so that CI
+# on the same machine reuses them (torch download, compiled torch-sys; a fresh machine makes them).
+# Both stay together: torch-sys's cached build links the libtorch of the venv it was built in.
+# The default line builds its wheel in .venv.
 EWC_RS_CACHE ?= $(HOME)/.cache/ewc_rs
+LINE_VENV = $(if $(filter $(TORCH),$(DEFAULT_LINE)),$(VENV),$(EWC_RS_CACHE)/venv-torch$(LINE_VERSION))
+LINE_PY = $(LINE_VENV)/bin/python
+LINE_STAMP = $(LINE_VENV)/.deps-$(LINE_VERSION)-$(shell cat requirements-core.txt | md5sum | cut -c1-12)
 LINE_ENV = env VIRTUAL_ENV=$(abspath $(LINE_VENV)) PATH=$(abspath $(LINE_VENV))/bin:$$PATH \
-	CARGO_TARGET_DIR=$(EWC_RS_CACHE)/target-torch$(TORCH)
+	CARGO_TARGET_DIR=$(EWC_RS_CACHE)/target-torch$(LINE_VERSION)
 # The core tests: those that need no transformers, lightning, peft, avalanche, notebooks or demo data.
 # `make test-core` runs them on another torch line; `make test` runs every test on the default line.
 CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py tests/test_boundary.py \
@@ -102,12 +104,12 @@ check-line:
 
 # The venv of another torch line: that torch (pinned by a constraint) and requirements-core.txt.
 setup-line: check-line $(if $(filter $(TORCH),$(DEFAULT_LINE)),setup)
-	@if [ ! -f $(LINE_VENV)/.deps-$(LINE_VERSION) ] || [ requirements-core.txt -nt $(LINE_VENV)/.deps-$(LINE_VERSION) ]; then \
+	@if [ ! -f $(LINE_STAMP) ]; then \
 		set -e; test -x $(LINE_PY) || $(PYTHON) -m venv $(LINE_VENV); \
 		$(LINE_PY) -m pip install -q --upgrade pip; \
 		echo "torch==$(LINE_VERSION)" > $(LINE_VENV)/torch-constraint.txt; \
 		$(LINE_PY) -m pip install -q torch==$(LINE_VERSION) -c $(LINE_VENV)/torch-constraint.txt -r requirements-core.txt; \
-		rm -f $(LINE_VENV)/.deps-*; touch $(LINE_VENV)/.deps-$(LINE_VERSION); \
+		rm -f $(LINE_VENV)/.deps-*; touch $(LINE_STAMP); \
 	fi
 
 # The README's install command, run in the line's venv (cargo's incremental build makes reruns quick).
@@ -130,4 +132,4 @@ wheels:
 
 clean:
 	cargo clean
-	rm -rf $(VENV) .venv-torch* dist $(OUT)
+	rm -rf $(VENV) dist $(OUT)  # EWC_RS_CACHE (other torch lines) is left alone
