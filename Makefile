@@ -102,8 +102,13 @@ wheel: setup
 check-line:
 	@test -n "$(LINE_VERSION)" || { echo "TORCH=$(TORCH) is not a supported torch line; supported: $(SUPPORTED)"; exit 1; }
 
+ifeq ($(TORCH),$(DEFAULT_LINE))
+# The default line is .venv's: `make setup`, and `make build` (maturin develop) for the tests.
+setup-line: check-line setup
+build-line: check-line build
+else
 # The venv of another torch line: that torch (pinned by a constraint) and requirements-core.txt.
-setup-line: check-line $(if $(filter $(TORCH),$(DEFAULT_LINE)),setup)
+setup-line: check-line
 	@if [ ! -f $(LINE_STAMP) ]; then \
 		set -e; test -x $(LINE_PY) || $(PYTHON) -m venv $(LINE_VENV); \
 		$(LINE_PY) -m pip install -q --upgrade pip; \
@@ -115,6 +120,7 @@ setup-line: check-line $(if $(filter $(TORCH),$(DEFAULT_LINE)),setup)
 # The README's install command, run in the line's venv (cargo's incremental build makes reruns quick).
 build-line: setup-line
 	$(LINE_ENV) $(LINE_PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall .
+endif
 
 test-core: build-line
 	$(LINE_ENV) $(LINE_PY) -c "import ewc_rs, torch; print('ewc_rs', ewc_rs.__version__, 'with torch', torch.__version__)"
