@@ -112,6 +112,16 @@ def test_each_supported_line_has_a_manifest_like_the_root_one(version: str) -> N
     assert locked["pyo3"] == _locked_versions(REPO / "Cargo.lock")["pyo3"]
 
 
+def test_only_bypassed_lines_borrow_a_tch() -> None:
+    """Each line has its own tch release, except those BYPASS_VERSION_CHECK lists, which reuse one."""
+    versions = _versions()
+    tch = {v: _tch_version(_toml(REPO / versions["build_dir"](v) / "Cargo.toml")) for v in _supported()}
+    own = [tch[v] for v in _supported() if v not in versions["BYPASS_VERSION_CHECK"]]
+    assert len(own) == len(set(own)), tch
+    assert set(versions["BYPASS_VERSION_CHECK"]) <= set(_supported())
+    assert all(tch[v] in own for v in versions["BYPASS_VERSION_CHECK"]), tch
+
+
 def test_no_manifest_for_an_unsupported_line() -> None:
     versions = _versions()
     lines = {p.name for p in REPO.glob("build-torch-*")}

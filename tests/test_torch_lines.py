@@ -53,7 +53,13 @@ def test_backend_picks_the_manifest_of_the_line(backend: ModuleType, version: st
     assert (REPO / manifest).is_file()
 
 
-@pytest.mark.parametrize("version", ["2.8.0", "2.12.0+cpu", "2.13.1", "3.0.0"])
+@pytest.mark.parametrize("version", VERSIONS["SUPPORTED_TORCH_VERSIONS"])
+def test_backend_bypasses_the_version_check_only_where_listed(backend: ModuleType, version: str) -> None:
+    env = backend.build_environment(f"{version}+cu130")
+    assert ("LIBTORCH_BYPASS_VERSION_CHECK" in env) == (version in VERSIONS["BYPASS_VERSION_CHECK"]), env
+
+
+@pytest.mark.parametrize("version", ["2.8.0", "2.14.0+cpu", "2.13.1", "3.0.0"])
 def test_backend_refuses_an_unsupported_torch_naming_the_supported_ones(backend: ModuleType, version: str) -> None:
     if version.split("+")[0] in VERSIONS["SUPPORTED_TORCH_VERSIONS"]:
         pytest.skip(f"{version} is supported now")
