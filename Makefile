@@ -107,10 +107,11 @@ ifeq ($(TORCH),$(DEFAULT_LINE))
 setup-line: check-line setup
 build-line: check-line build
 else
-# The venv of another torch line: that torch (pinned by a constraint) and requirements-core.txt.
+# The venv of another torch line: that torch (pinned by a constraint) and requirements-core.txt. A new
+# venv drops the line's old target dir, whose torch-sys would link the libtorch of a venv now gone.
 setup-line: check-line
 	@if [ ! -f $(LINE_STAMP) ]; then \
-		set -e; test -x $(LINE_PY) || $(PYTHON) -m venv $(LINE_VENV); \
+		set -e; test -x $(LINE_PY) || { rm -rf $(EWC_RS_CACHE)/target-torch$(LINE_VERSION); $(PYTHON) -m venv $(LINE_VENV); }; \
 		$(LINE_PY) -m pip install -q --upgrade pip; \
 		echo "torch==$(LINE_VERSION)" > $(LINE_VENV)/torch-constraint.txt; \
 		$(LINE_PY) -m pip install -q torch==$(LINE_VERSION) -c $(LINE_VENV)/torch-constraint.txt -r requirements-core.txt; \
