@@ -29,7 +29,31 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-.PHONY: setup build demo test test-rust test-python lint bench wheel clean
+# Other torch lines (README, "Torch versions"): one manifest each, build-torch-X.Y/Cargo.toml, for the
+# same src/. `make test-core TORCH=2.13` makes a venv with that torch and the core test needs, builds
+# ewc_rs there with the README's `pip install --no-build-isolation .` (the in-tree backend picks the
+# line's manifest) and runs CORE_TESTS; `make wheels` builds one wheel per supported line into dist/.
+SUPPORTED := $(shell $(PYTHON) -c "import runpy; print(*runpy.run_path('$(TORCH_VERSION_FILE)')['SUPPORTED_TORCH_VERSIONS'])")
+DEFAULT_LINE := $(basename $(TORCH_VERSION))
+TORCH ?= 2.13
+LINE_VERSION = $(filter $(TORCH).%,$(SUPPORTED))
+# The venv and cargo target dir of another line live outside the clone, in EWC_RS_CACHE, so that CI
+# on the same machine reuses them (torch download, compiled torch-sys; a fresh machine makes them).
+# Both stay together: torch-sys's cached build links the libtorch of the venv it was built in.
+# The default line builds its wheel in .venv.
+EWC_RS_CACHE ?= $(HOME)/.cache/ewc_rs
+LINE_VENV = $(if $(filter $(TORCH),$(DEFAULT_LINE)),$(VENV),$(EWC_RS_CACHE)/venv-torch$(LINE_VERSION))
+LINE_PY = $(LINE_VENV)/bin/python
+LINE_STAMP = $(LINE_VENV)/.deps-$(LINE_VERSION)-$(shell cat requirements-core.txt | md5sum | cut -c1-12)
+LINE_ENV = env VIRTUAL_ENV=$(abspath $(LINE_VENV)) PATH=$(abspath $(LINE_VENV))/bin:$$PATH \
+	CARGO_TARGET_DIR=$(EWC_RS_CACHE)/target-torch$(LINE_VERSION)
+# The core tests: those that need no transformers, lightning, peft, avalanche, notebooks or demo data.
+# `make test-core` runs them on another torch line; `make test` runs every test on the default line.
+CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py tests/test_boundary.py \
+	tests/test_sequences.py tests/test_persistence.py tests/test_attention.py tests/test_norm_stats.py \
+	tests/test_reference.py
+
+.PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,9 +77,9 @@ demo: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
-	$(PY) -m ruff check python tests benchmarks
-	$(PY) -m ruff format --check python tests benchmarks
-	$(PY) -m mypy python/ewc_rs
+	$(PY) -m ruff check python tests benchmarks build_backend scripts
+	$(PY) -m ruff format --check python tests benchmarks build_backend scripts
+	$(PY) -m mypy python/ewc_rs build_backend scripts
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
 test-rust: build
@@ -75,6 +99,44 @@ bench: build
 wheel: setup
 	maturin build --release --auditwheel skip -o dist
 
+check-line:
+	@test -n "$(LINE_VERSION)" || { echo "TORCH=$(TORCH) is not a supported torch line; supported: $(SUPPORTED)"; exit 1; }
+
+ifeq ($(TORCH),$(DEFAULT_LINE))
+# The default line is .venv's: `make setup`, and `make build` (maturin develop) for the tests.
+setup-line: check-line setup
+build-line: check-line build
+else
+# The venv of another torch line: that torch (pinned by a constraint) and requirements-core.txt. A new
+# venv drops the line's old target dir, whose torch-sys would link the libtorch of a venv now gone.
+setup-line: check-line
+	@if [ ! -f $(LINE_STAMP) ]; then \
+		set -e; test -x $(LINE_PY) || { rm -rf $(EWC_RS_CACHE)/target-torch$(LINE_VERSION); $(PYTHON) -m venv $(LINE_VENV); }; \
+		$(LINE_PY) -m pip install -q --upgrade pip; \
+		echo "torch==$(LINE_VERSION)" > $(LINE_VENV)/torch-constraint.txt; \
+		$(LINE_PY) -m pip install -q torch==$(LINE_VERSION) -c $(LINE_VENV)/torch-constraint.txt -r requirements-core.txt; \
+		rm -f $(LINE_VENV)/.deps-*; touch $(LINE_STAMP); \
+	fi
+
+# The README's install command, run in the line's venv (cargo's incremental build makes reruns quick).
+build-line: setup-line
+	$(LINE_ENV) $(LINE_PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall .
+endif
+
+test-core: build-line
+	$(LINE_ENV) $(LINE_PY) -c "import ewc_rs, torch; print('ewc_rs', ewc_rs.__version__, 'with torch', torch.__version__)"
+	$(LINE_ENV) $(LINE_PY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+
+wheel-line: setup-line
+	$(LINE_ENV) $(LINE_PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+
+# One abi3 wheel per supported torch line (local version +torchXY), and dist/index.html listing them
+# (a find-links page: pip install ewc_rs==0.1.0+torch213 -f dist/index.html).
+wheels:
+	rm -f dist/ewc_rs-*.whl
+	for v in $(SUPPORTED); do $(MAKE) --no-print-directory wheel-line TORCH=$${v%.*} || exit 1; done
+	$(PYTHON) scripts/wheel_index.py dist
+
 clean:
 	cargo clean
-	rm -rf $(VENV) dist $(OUT)
+	rm -rf $(VENV) dist $(OUT)  # EWC_RS_CACHE (other torch lines) is left alone

@@ -2,6 +2,7 @@
 //! types, GIL released around the heavy work); the engines live in `fisher` and `penalty`.
 
 pub mod bindings;
+pub mod compat;
 pub mod error;
 pub mod fisher;
 pub mod kfac;
@@ -15,7 +16,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("TORCH_VERSION", env!("EWC_RS_TORCH_VERSION"))?;
+    m.add("TORCH_VERSION", compat::torch_version())?;
     m.add_class::<LayerRule>()?;
     m.add_class::<LayerCall>()?;
     m.add_class::<RootSpec>()?;

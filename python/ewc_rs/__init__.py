@@ -1,23 +1,29 @@
 """ewc_rs: Elastic Weight Consolidation for PyTorch with a Rust (libtorch) core.
 
 ``import torch`` must come before the native module is loaded (it has no rpath to libtorch), and
-the torch version must be the one the extension was built against.
+the torch version must be the one the extension was built against: read from the extension's file
+before loading it (``_native.py``), and checked again against what the loaded module says.
 """
 
 from __future__ import annotations
 
 import torch as _torch
 
-from ._torch_version import TORCH_VERSION as _EXPECTED_TORCH
+from . import _native
 
-_found = _torch.__version__.split("+")[0]
-if _found != _EXPECTED_TORCH:
-    raise ImportError(
-        f"ewc_rs was built against torch {_EXPECTED_TORCH} (libtorch ABI), but torch {_torch.__version__} "
-        f"is installed; install torch=={_EXPECTED_TORCH}"
-    )
+_core_file = _native.core_path(__name__)
+_built = _native.built_for(_core_file) if _core_file is not None else None
+_problem = _native.mismatch_message(_built, _torch.__version__) if _built is not None else None
+if _problem is not None:
+    raise ImportError(_problem)
 
-from . import _core, checkpoint, distributed  # noqa: E402, F401  (checkpoint, distributed: README, "Many GPUs")
+from . import _core  # noqa: E402
+
+_problem = _native.mismatch_message(_core.TORCH_VERSION, _torch.__version__)
+if _problem is not None:
+    raise ImportError(_problem)
+
+from . import checkpoint, distributed  # noqa: E402, F401  (README, "Many GPUs")
 from .ewc import EWC  # noqa: E402
 from .fisher import KINDS, fisher_diag  # noqa: E402
 from .kfac import fisher_kfac  # noqa: E402
