@@ -28,11 +28,11 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +123,13 @@ def _measure(model: torch.nn.Module, loader: list, args: argparse.Namespace) -> 
     }
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+def _worker(rank: int, world: int, init_method: str, args: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=120),
@@ -143,10 +143,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _rendezvous(out: str, world: int) -> str:
+    """A file rendezvous new to this spawn: no TCP port to race for with other processes."""
+    return f"file://{Path(out, f'rendezvous-{world}-{uuid.uuid4().hex}')}"
 
 
 def _spawn(world: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
@@ -154,7 +153,7 @@ def _spawn(world: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
-        _worker, args=(world, _free_port(), args, out), nprocs=world, join=False, start_method="spawn"
+        _worker, args=(world, _rendezvous(out, world), args, out), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + args.timeout
     while not ctx.join(timeout=5):

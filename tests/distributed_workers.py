@@ -301,7 +301,7 @@ JOBS: dict[str, Callable[[int, int, int, Path, torch.device], dict[str, Any]]] =
 }
 
 
-def run(rank: int, world: int, port: int, backend: str, job: str, seed: int, out: str) -> None:
+def run(rank: int, world: int, init_method: str, backend: str, job: str, seed: int, out: str) -> None:
     """One rank: joins the group, runs ``job`` and saves its result (or its exception) for the parent."""
     import torch.distributed as dist
 
@@ -312,7 +312,7 @@ def run(rank: int, world: int, port: int, backend: str, job: str, seed: int, out
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),

@@ -10,8 +10,8 @@ The worker side is ``tests/distributed_workers.py``.
 
 from __future__ import annotations
 
-import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,9 @@ BACKENDS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _rendezvous(out: Path, job: str, world: int) -> str:
+    """A file rendezvous new to this spawn: no TCP port to race for with other processes."""
+    return f"file://{out / f'rendezvous-{job}-{world}-{uuid.uuid4().hex}'}"
 
 
 def spawn(job: str, world: int, out: Path, seed: int, backend: str = "gloo") -> list[dict[str, Any]]:
@@ -55,7 +54,11 @@ def spawn(job: str, world: int, out: Path, seed: int, backend: str = "gloo") -> 
     if backend == "nccl" and torch.cuda.device_count() < world:
         pytest.skip(f"NCCL at world size {world} needs {world} CUDA devices, found {torch.cuda.device_count()}")
     ctx = mp.start_processes(
-        w.run, args=(world, _free_port(), backend, job, seed, str(out)), nprocs=world, join=False, start_method="spawn"
+        w.run,
+        args=(world, _rendezvous(out, job, world), backend, job, seed, str(out)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
