@@ -147,16 +147,7 @@ class KfacEstimation(Estimation):
                     "(non-tensor input, or no sample dimension)"
                 )
             if c.readable and (c.site.slots() or i is not None):
-                calls.append(
-                    _core.LayerCall(
-                        rule=c.site.rule,
-                        input=c.input,
-                        output=c.output,
-                        weight_slot=c.site.weight_slot,
-                        bias_slot=c.site.bias_slot,
-                        kfac_site=i,
-                    )
-                )
+                calls.append(c.layer_call(kfac_site=i))
         return calls
 
     def _rules_step(self, x: Any, y: Any, n: int, recorder: Recorder) -> None:

@@ -47,6 +47,17 @@ class Call:
     def readable(self) -> bool:
         return self.version >= 0
 
+    def layer_call(self, kfac_site: Optional[int] = None) -> _core.LayerCall:
+        """This call as the native engine takes it (``kfac_site``: its index among the KFAC sites)."""
+        return _core.LayerCall(
+            rule=self.site.rule,
+            input=self.input,
+            output=self.output,
+            weight_slot=self.site.weight_slot,
+            bias_slot=self.site.bias_slot,
+            kfac_site=kfac_site,
+        )
+
 
 @dataclass
 class RuleCoverage:
@@ -168,17 +179,7 @@ class Recorder:
 
     def layer_calls(self) -> list[_core.LayerCall]:
         """The recorded calls the rules handle, as the native engine takes them."""
-        return [
-            _core.LayerCall(
-                rule=c.site.rule,
-                input=c.input,
-                output=c.output,
-                weight_slot=c.site.weight_slot,
-                bias_slot=c.site.bias_slot,
-            )
-            for c in self.calls
-            if c.readable and c.site.slots()
-        ]
+        return [c.layer_call() for c in self.calls if c.readable and c.site.slots()]
 
     def remove(self) -> None:
         for h in self.handles:
