@@ -53,7 +53,7 @@ CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py 
 	tests/test_sequences.py tests/test_persistence.py tests/test_attention.py tests/test_norm_stats.py \
 	tests/test_reference.py tests/test_kfac.py tests/test_distributed.py
 
-.PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels
+.PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels patch-line
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -119,15 +119,21 @@ setup-line: check-line
 	fi
 
 # The README's install command, run in the line's venv (cargo's incremental build makes reruns quick).
-build-line: setup-line
+build-line: setup-line patch-line
 	$(LINE_ENV) $(LINE_PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall .
 endif
+
+# The lines PATCHED_TORCH_SYS lists build with a patched torch-sys (.patched/, git-ignored); the build
+# backend makes it too, this makes it visible (and its errors) before pip starts.
+PATCHED := $(shell $(PYTHON) -c "import runpy; print(*runpy.run_path('$(TORCH_VERSION_FILE)')['PATCHED_TORCH_SYS'])")
+patch-line:
+	$(if $(filter $(LINE_VERSION),$(PATCHED)),$(PYTHON) scripts/patch_torch_sys.py,@true)
 
 test-core: build-line
 	$(LINE_ENV) $(LINE_PY) -c "import ewc_rs, torch; print('ewc_rs', ewc_rs.__version__, 'with torch', torch.__version__)"
 	$(LINE_ENV) $(LINE_PY) -m pytest -q -p no:cacheprovider $(CORE_TESTS)
 
-wheel-line: setup-line
+wheel-line: setup-line patch-line
 	$(LINE_ENV) $(LINE_PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
 
 # One abi3 wheel per supported torch line (local version +torchXY), and dist/index.html listing them

@@ -140,12 +140,25 @@ def pin_torch_in_wheel(wheel: Path, version: str) -> None:
     rewritten.replace(wheel)
 
 
+def prepare_sources(version: str) -> None:
+    """Makes the patched torch-sys a line's manifest points at, for the lines that use one.
+
+    Args:
+        version: the installed torch's version; for a release in ``PATCHED_TORCH_SYS`` this runs
+            ``scripts/patch_torch_sys.py`` (a no-op when ``.patched/`` is up to date), else nothing.
+    """
+    if VERSIONS["torch_release"](version) in VERSIONS["PATCHED_TORCH_SYS"]:
+        runpy.run_path(str(ROOT / "scripts" / "patch_torch_sys.py"))["patched_torch_sys"]()
+
+
 def _for_installed_torch(hook: F) -> F:
     """Runs a maturin hook with :func:`build_environment` of the installed torch."""
 
     @functools.wraps(hook)
     def run(*args: Any, **kwargs: Any) -> Any:
-        os.environ.update(build_environment(installed_torch()))
+        version = installed_torch()
+        os.environ.update(build_environment(version))
+        prepare_sources(version)
         return hook(*args, **kwargs)
 
     return run  # type: ignore[return-value]

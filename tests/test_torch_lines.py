@@ -59,7 +59,7 @@ def test_backend_bypasses_the_version_check_only_where_listed(backend: ModuleTyp
     assert ("LIBTORCH_BYPASS_VERSION_CHECK" in env) == (version in VERSIONS["BYPASS_VERSION_CHECK"]), env
 
 
-@pytest.mark.parametrize("version", ["2.8.0", "2.14.0+cpu", "2.13.1", "3.0.0"])
+@pytest.mark.parametrize("version", ["2.8.0", "2.16.0+cpu", "2.13.1", "3.0.0"])
 def test_backend_refuses_an_unsupported_torch_naming_the_supported_ones(backend: ModuleType, version: str) -> None:
     if version.split("+")[0] in VERSIONS["SUPPORTED_TORCH_VERSIONS"]:
         pytest.skip(f"{version} is supported now")
@@ -177,3 +177,77 @@ def test_wheel_metadata_and_record_are_rewritten_together(backend: ModuleType, t
     digest = base64.urlsafe_b64encode(hashlib.sha256(new_metadata).digest()).rstrip(b"=").decode()
     assert rows[f"{info}/METADATA"] == f"{info}/METADATA,sha256={digest},{len(new_metadata)}"
     assert rows["ewc_rs/__init__.py"] == record[0]
+
+
+def _patcher() -> ModuleType:
+    return _load("ewc_rs_patch_torch_sys_under_test", REPO / "scripts" / "patch_torch_sys.py")
+
+
+def _fake_torch_sys(folder: Path, patcher: ModuleType) -> dict[str, str]:
+    """A stand-in torch-sys source holding each patch site once, inside some other text."""
+    texts: dict[str, str] = {}
+    for name, original, _ in patcher.PATCHES:
+        texts[name] = texts.get(name, "// start\n") + f"    {original}\n// between\n"
+    for name, text in texts.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    return texts
+
+
+def test_patch_replaces_each_site_and_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    patcher = _patcher()
+    source = tmp_path / "registry" / "torch-sys-0.26.0"
+    texts = _fake_torch_sys(source, patcher)
+    monkeypatch.setattr(patcher, "registry_source", lambda fetch=True: source)
+    target = tmp_path / ".patched" / "torch-sys-0.26.0"
+    assert patcher.patched_torch_sys(target) == target
+    for name, original, replacement in patcher.PATCHES:
+        text = (target / name).read_text(encoding="utf-8")
+        assert original not in text and replacement in text, name
+        assert (source / name).read_text(encoding="utf-8") == texts[name], "the registry's copy must stay pristine"
+    build = (target / "build.rs").read_text(encoding="utf-8")
+    assert "c++17" not in build and "-std=c++20" in build
+    generated = (target / "libtch" / "torch_api_generated.cpp").read_text(encoding="utf-8")
+    assert "torch::cholesky(" not in generated and "torch::qr(" not in generated
+    assert 'torch::linalg_qr(*self, (bool)some ? "reduced" : "complete")' in generated
+    assert "torch::linalg_cholesky(*self, (bool)upper)" in generated
+    before = {name: (target / name).read_text(encoding="utf-8") for name in texts}
+    (source / "build.rs").write_text("changed: a second run must not copy again", encoding="utf-8")
+    patcher.patched_torch_sys(target)
+    assert {name: (target / name).read_text(encoding="utf-8") for name in texts} == before
+
+
+def test_patch_fails_loudly_when_a_site_is_missing(tmp_path: Path) -> None:
+    patcher = _patcher()
+    _fake_torch_sys(tmp_path, patcher)
+    generated = tmp_path / "libtch" / "torch_api_generated.cpp"
+    generated.write_text(generated.read_text(encoding="utf-8").replace("torch::qr(", "torch::other("), encoding="utf-8")
+    with pytest.raises(patcher.PatchError, match=re.escape("torch::qr(*self")):
+        patcher.apply_patches(tmp_path)
+
+
+@pytest.mark.parametrize("version", VERSIONS["SUPPORTED_TORCH_VERSIONS"])
+def test_only_listed_lines_use_the_patched_torch_sys(version: str) -> None:
+    text = (REPO / VERSIONS["build_dir"](version) / "Cargo.toml").read_text(encoding="utf-8")
+    patched = version in VERSIONS["PATCHED_TORCH_SYS"]
+    assert ('torch-sys = { path = "../.patched/torch-sys-0.26.0" }' in text) == patched, version
+    assert "[patch.crates-io]" in text or not patched, version
+    if patched:
+        assert version in VERSIONS["BYPASS_VERSION_CHECK"], "a patched line borrows tch 0.26 (made for 2.13)"
+
+
+@pytest.mark.parametrize("version", ["2.13.0", "2.14.0+cu130"])
+def test_backend_makes_the_patched_torch_sys_only_for_listed_lines(
+    backend: ModuleType, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    calls: list[str] = []
+    real_run_path = backend.runpy.run_path
+
+    def run_path(path: str) -> dict[str, Any]:
+        calls.append(Path(path).name)
+        return {"patched_torch_sys": lambda: None} if path.endswith("patch_torch_sys.py") else real_run_path(path)
+
+    monkeypatch.setattr(backend.runpy, "run_path", run_path)
+    backend.prepare_sources(version)
+    expected = ["patch_torch_sys.py"] if version.split("+")[0] in VERSIONS["PATCHED_TORCH_SYS"] else []
+    assert calls == expected, version

@@ -14,15 +14,22 @@ from __future__ import annotations
 TORCH_VERSION = "2.11.0"
 """The default torch line: what the Makefile installs into ``.venv`` and ``make test`` runs in full."""
 
-SUPPORTED_TORCH_VERSIONS = ("2.9.0", "2.10.0", "2.11.0", "2.12.0", "2.13.0")
+SUPPORTED_TORCH_VERSIONS = ("2.9.0", "2.10.0", "2.11.0", "2.12.0", "2.13.0", "2.14.0", "2.15.0")
 """Every torch release ewc_rs builds for, oldest first; each has a ``build-torch-X.Y/`` manifest."""
 
-BYPASS_VERSION_CHECK: tuple[str, ...] = ("2.12.0",)
+BYPASS_VERSION_CHECK: tuple[str, ...] = ("2.12.0", "2.14.0", "2.15.0")
 """Supported releases that no tch release is made for: their manifest uses the tch of a neighbouring
 line (2.12: tch 0.24, made for 2.11), and the build bypasses torch-sys's version check
 (``LIBTORCH_BYPASS_VERSION_CHECK``). torch-sys still compiles its C++ wrapper against this torch's
 own headers, so the build is for this torch; it is supported because it compiles and passes the
 core tests (``scripts/try_torch_line.sh`` tries a release so)."""
+
+PATCHED_TORCH_SYS: tuple[str, ...] = ("2.14.0", "2.15.0")
+"""Supported releases whose manifest builds with a patched torch-sys 0.26.0 (``[patch.crates-io]`` to
+``.patched/torch-sys-0.26.0``): torch >= 2.14's headers need C++20 and torch removed four operators
+tch 0.26's wrapper calls. ``scripts/patch_torch_sys.py`` makes the copy from cargo's registry; the
+build backend and the Makefile run it before building these lines. They are in
+``BYPASS_VERSION_CHECK`` too (tch 0.26 is made for 2.13)."""
 
 
 def torch_release(version: str) -> str:
