@@ -2,7 +2,7 @@
 # Tries ewc_rs with a torch release that has no tch of its own (item 2 of issue #13): builds it with
 # the newest tch line's manifest (build-torch-2.13, tch 0.26) and torch-sys's version check bypassed
 # (LIBTORCH_BYPASS_VERSION_CHECK), then runs the core tests. Reproduces what README, "Torch
-# versions", reports for 2.12, 2.14 and 2.15.
+# versions", reports for 2.12 (and, before the patched torch-sys of their own lines, for 2.14 and 2.15).
 #
 #   scripts/try_torch_line.sh 2.14.0 [FROM_LINE]     # FROM_LINE: the build-torch-X.Y line to borrow, default 2.13
 #
@@ -34,6 +34,10 @@ step "$venv/bin/python" -m pip install -q "torch==$version" -r requirements-core
 tag="torch${line//./}"
 sed -e "s/^version = \"\([0-9.]*\)+torch[0-9]*\"/version = \"\1+$tag\"/" "build-torch-$from/Cargo.toml" > "$try/Cargo.toml"
 cp "build-torch-$from/Cargo.lock" "$try/Cargo.lock"
+if grep -q '\.patched/' "$try/Cargo.toml"; then
+    # a line built with the patched torch-sys (PATCHED_TORCH_SYS in _torch_version.py): make it first
+    step python3 scripts/patch_torch_sys.py || exit 1
+fi
 echo "== torch $version with $(grep -o 'tch = { version = "=[0-9.]*"' "$try/Cargo.toml") (from build-torch-$from)" | tee -a "$log"
 
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$cache/target-try-torch$line"
