@@ -270,9 +270,9 @@ def test_ewc_pickles_with_its_selection(selector: Any, seed: int) -> None:
     ewc = EWC(model, lam=5.0, params=selector)
     ewc.consolidate(batches())
     perturb(model, gen(seed))
-    want = float(ewc.penalty(model))  # with its penalty plan built
+    want = float(ewc.penalty(model).detach())  # with its penalty plan built
     copied_model, copied = pickle.loads(pickle.dumps((model, ewc)))
-    got = float(copied.penalty(copied_model))
+    got = float(copied.penalty(copied_model).detach())
     assert math.isclose(got, want, rel_tol=1e-6), f"seed={seed}: penalty {got} after pickling, {want} before"
     assert want > 0, f"seed={seed}: the perturbed model has no penalty"
 
