@@ -139,6 +139,7 @@ def _worker(rank: int, world: int, init_method: str, args: argparse.Namespace, o
         result = {mode: _measure(_wrap(mode, world, _model(args.model)), loader, args) for mode in args.modes}
         if rank == 0:
             Path(out, f"world{world}.json").write_text(json.dumps(result))
+        dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks can abort it
     finally:
         dist.destroy_process_group()
 
@@ -156,11 +157,17 @@ def _spawn(world: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
         _worker, args=(world, _rendezvous(out, world), args, out), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + args.timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise SystemExit(f"world size {world} did not finish in {args.timeout} s")
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise SystemExit(f"world size {world} did not finish in {args.timeout} s")
+    except mp.ProcessExitedException:
+        # gloo's teardown now and then aborts a process after its work is done (see
+        # tests/test_distributed.py); without rank 0's result the run still fails.
+        if not Path(out, f"world{world}.json").exists():
+            raise
     return json.loads(Path(out, f"world{world}.json").read_text())  # type: ignore[no-any-return]
 
 

@@ -323,5 +323,6 @@ def run(rank: int, world: int, init_method: str, backend: str, job: str, seed: i
         except Exception as e:  # reported by the parent with the traceback
             result = {"exception": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         torch.save(result, Path(out) / f"{job}.{rank}.pt")
+        dist.barrier()  # leave together: a rank tearing gloo down while a peer still talks can abort it
     finally:
         dist.destroy_process_group()

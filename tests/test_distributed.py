@@ -65,6 +65,12 @@ def spawn(job: str, world: int, out: Path, seed: int, backend: str = "gloo") -> 
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
                 pytest.fail(f"{job} at world size {world} did not finish in {JOIN_TIMEOUT_S} s (seed={seed})")
+    except mp.ProcessExitedException:
+        # gloo's teardown (destroy_process_group, interpreter exit) now and then aborts a process
+        # with "terminate called without an active exception" after its work is done. A crash
+        # before every rank saved its result still fails the test (the files are missing).
+        if not all((out / f"{job}.{r}.pt").exists() for r in range(world)):
+            raise
     finally:
         for p in ctx.processes:
             if p.is_alive():
