@@ -193,7 +193,7 @@ class PenaltyPlan:
                 value, flat, views = _core.penalty(g.locals(), g.star, g.fisher, lam)
                 if scale != 1.0:
                     flat.mul_(scale)
-                sharding.add_local_grads([p for p in params], views)
+                sharding.add_local_grads(params, views)
                 values.append(value)
                 continue
             if g.device.type == "cpu":  # one fused pass straight into the .grad memory
