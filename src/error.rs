@@ -10,6 +10,8 @@ pub enum EwcError {
     Type(String),
     /// libtorch failed; the string says where (maps to `RuntimeError`).
     Torch(String, tch::TchError),
+    /// The CUDA kernel failed to launch (maps to `RuntimeError`).
+    Cuda(String),
 }
 
 pub type Result<T> = std::result::Result<T, EwcError>;
@@ -18,6 +20,7 @@ impl fmt::Display for EwcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EwcError::Value(m) | EwcError::Type(m) => write!(f, "{m}"),
+            EwcError::Cuda(m) => write!(f, "ewc_rs CUDA kernel: {m}"),
             EwcError::Torch(ctx, e) => write!(f, "{ctx}: {e}"),
         }
     }

@@ -3,11 +3,15 @@
 
 pub mod bindings;
 pub mod compat;
+pub mod cuda;
 pub mod error;
 pub mod fisher;
 pub mod kfac;
 pub mod penalty;
 
+use bindings::cuda::{
+    cuda_compile_check, cuda_kernel_set_enabled, cuda_kernel_status, cuda_set_nvrtc_dir,
+};
 use bindings::fisher::{layer_rule, FisherSums, LayerCall, LayerRule, RootSpec};
 use bindings::kfac::{KfacSums, KronPlan};
 use bindings::penalty::{fused_penalty, penalty_add_to_grads};
@@ -26,5 +30,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(layer_rule, m)?)?;
     m.add_function(wrap_pyfunction!(fused_penalty, m)?)?;
     m.add_function(wrap_pyfunction!(penalty_add_to_grads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_kernel_status, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_kernel_set_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_set_nvrtc_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile_check, m)?)?;
     Ok(())
 }

@@ -23,7 +23,7 @@ _problem = _native.mismatch_message(_core.TORCH_VERSION, _torch.__version__)
 if _problem is not None:
     raise ImportError(_problem)
 
-from . import checkpoint, distributed  # noqa: E402, F401  (README, "Many GPUs")
+from . import checkpoint, cuda_kernel, distributed  # noqa: E402, F401  (README, "Many GPUs", "CUDA")
 from .ewc import EWC  # noqa: E402
 from .fisher import KINDS, fisher_diag  # noqa: E402
 from .kfac import fisher_kfac  # noqa: E402

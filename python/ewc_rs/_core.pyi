@@ -1,6 +1,7 @@
 """Typed signatures of the native module ``ewc_rs._core`` (Rust: tch, pyo3). Checked against the
 module by ``python -m mypy.stubtest``."""
 
+import os
 from collections.abc import Sequence
 from typing import Optional, final
 
@@ -19,6 +20,10 @@ __all__ = [
     "layer_rule",
     "penalty",
     "penalty_add_to_grads",
+    "cuda_kernel_status",
+    "cuda_kernel_set_enabled",
+    "cuda_set_nvrtc_dir",
+    "cuda_compile_check",
 ]
 __version__: str
 TORCH_VERSION: str
@@ -131,6 +136,18 @@ def penalty_add_to_grads(
     lam: float,
     scale: float,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Adds ``scale``·λF(θ−θ*) into the parameters' ``.grad`` in place (CPU); returns the penalty
+    """Adds ``scale``·λF(θ−θ*) into the parameters' ``.grad`` in place (CPU, CUDA); returns the penalty
     and ``(index, gradient)`` for each parameter whose ``.grad`` was absent or not writable in
     place, for the caller to install or add."""
+
+def cuda_kernel_status() -> str:
+    """What the last CUDA penalty ran ("unused", "kernel ...", "fallback ...: reason")."""
+
+def cuda_kernel_set_enabled(on: bool) -> bool:
+    """Switches the one-pass CUDA kernel on or off; returns the previous setting."""
+
+def cuda_set_nvrtc_dir(path: str | os.PathLike[str]) -> None:
+    """Where torch's libnvrtc lives (used when it is not found by its soname)."""
+
+def cuda_compile_check(cc: int, max_items: int = 768) -> tuple[str, int]:
+    """Compiles the kernel with NVRTC for compute capability ``cc``; returns (what, size in bytes)."""

@@ -196,7 +196,7 @@ class PenaltyPlan:
                 sharding.add_local_grads(params, views)
                 values.append(value)
                 continue
-            if g.device.type == "cpu":  # one fused pass straight into the .grad memory
+            if g.device.type in ("cpu", "cuda"):  # one fused pass straight into the .grad memory
                 value, pending = _core.penalty_add_to_grads(params, g.star, g.fisher, lam, scale)
             else:  # flat gradient, then one multi-tensor add
                 value, flat, views = _core.penalty(params, g.star, g.fisher, lam)

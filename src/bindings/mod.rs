@@ -1,6 +1,7 @@
 //! What crosses between Python and Rust: the typed boundary of the Fisher engine (`fisher`), the
 //! penalty's entry points (`penalty`), and the mapping of crate errors to Python exceptions.
 
+pub mod cuda;
 pub mod fisher;
 pub mod kfac;
 pub mod penalty;
@@ -14,7 +15,7 @@ impl From<EwcError> for PyErr {
         match e {
             EwcError::Value(m) => PyValueError::new_err(m),
             EwcError::Type(m) => PyTypeError::new_err(m),
-            e @ EwcError::Torch(..) => PyRuntimeError::new_err(e.to_string()),
+            e @ (EwcError::Torch(..) | EwcError::Cuda(_)) => PyRuntimeError::new_err(e.to_string()),
         }
     }
 }

@@ -35,16 +35,17 @@ pub fn fused_penalty(
     let params = tensors(params);
     let (star, fisher, out) = (star.0, fisher.0, out.map(|t| t.0));
     let result = py.allow_threads(move || penalty::penalty(&params, &star, &fisher, lam, out))?;
+    super::cuda::warn_if_fell_back(py)?;
     let views = result.views.into_iter().map(PyTensor).collect();
     Ok((PyTensor(result.value), PyTensor(result.grad), views))
 }
 
-/// Adds `scale` × the penalty's gradient straight into the parameters' `.grad` (CPU), in the
+/// Adds `scale` × the penalty's gradient straight into the parameters' `.grad` (CPU, CUDA), in the
 /// pass that computes the value: no autograd graph.
 ///
 /// Args:
 ///     params: the parameter tensors (their `.grad` is updated in place where possible), all
-///         float32/float16/bfloat16 on CPU.
+///         float32/float16/bfloat16 on one CPU or CUDA device.
 ///     star: flat θ* buffer (float32 or bfloat16), the parameters' total length.
 ///     fisher: flat F buffer, same length and dtype as `star`.
 ///     lam: λ.
@@ -67,6 +68,7 @@ pub fn penalty_add_to_grads(
     let (star, fisher) = (star.0, fisher.0);
     let result =
         py.allow_threads(move || penalty::add_to_grads(&params, &star, &fisher, lam, scale))?;
+    super::cuda::warn_if_fell_back(py)?;
     let pending = result
         .pending
         .into_iter()

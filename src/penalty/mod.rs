@@ -2,15 +2,16 @@
 //! for all parameters together in one pass.
 //!
 //! θ* and F live in two flat buffers (built once per consolidation); the parameters stay where
-//! the model keeps them. On CPU one multi-threaded loop (`kernel`) reads θ, θ*, F and writes the
-//! gradient (16 bytes per float32 parameter, the memory floor), either into one flat buffer
-//! (`penalty`, for autograd) or added straight into the parameters' `.grad` (`add_to_grads`). On
-//! other devices a fixed handful of libtorch kernels runs over the flat buffers, however many
-//! parameter tensors there are.
+//! the model keeps them. One pass reads θ, θ*, F and writes the gradient (16 bytes per float32
+//! parameter, the memory floor), either into one flat buffer (`penalty`, for autograd) or added
+//! straight into the parameters' `.grad` (`add_to_grads`): on CPU a multi-threaded loop
+//! (`kernel`), on CUDA the NVRTC-compiled kernel (`crate::cuda`). Elsewhere, or where that kernel
+//! cannot run, a fixed handful of libtorch kernels runs over the flat buffers (`flat_ops`).
 
 mod kernel;
 mod memory;
 
+use crate::cuda;
 use crate::error::{value_err, Context, EwcError, Result};
 use half::{bf16, f16};
 use kernel::{push_items, GradWrite, Item, Target};
@@ -123,31 +124,52 @@ pub fn penalty(
         }
         None => Tensor::f_empty([total], (kind, device)).ctx("penalty (allocate gradient)")?,
     };
-    let value = if device == Device::Cpu {
-        let params: Vec<Tensor> = params.iter().map(contiguous).collect();
-        let (base, elt) = (Addr::of(&grad), kind.elt_size_in_bytes());
-        let mut items = Vec::new();
-        let mut offset = 0usize;
-        for p in &params {
-            let n = p.numel();
-            let target = Target {
-                param: Addr::of(p),
-                grad: base.byte_add(offset * elt),
-                write: GradWrite::Overwrite,
-            };
-            push_items(&mut items, target, offset, n, elt);
-            offset += n;
+    let params: Vec<Tensor> = params.iter().map(contiguous).collect();
+    let (base, elt) = (Addr::of(&grad), kind.elt_size_in_bytes());
+    let value = match device {
+        Device::Cpu => {
+            let mut items = Vec::new();
+            let mut offset = 0usize;
+            for p in &params {
+                let n = p.numel();
+                let target = Target {
+                    param: Addr::of(p),
+                    grad: base.byte_add(offset * elt),
+                    write: GradWrite::Overwrite,
+                };
+                push_items(&mut items, target, offset, n, elt);
+                offset += n;
+            }
+            cpu_pass(&items, star, fisher, kind, Scale { lam, grad: 1.0 })?
         }
-        cpu_pass(&items, star, fisher, kind, Scale { lam, grad: 1.0 })?
-    } else {
-        flat_ops(params, star, fisher, lam, &grad)?
+        Device::Cuda(ordinal) => {
+            let mut targets = Vec::with_capacity(params.len());
+            let mut offset = 0usize;
+            for p in &params {
+                let grad = base.byte_add(offset * elt);
+                targets.push(gpu_target(p, grad, offset, GradWrite::Overwrite));
+                offset += p.numel();
+            }
+            match gpu_pass(
+                ordinal,
+                &targets,
+                star,
+                fisher,
+                kind,
+                Scale { lam, grad: 1.0 },
+            )? {
+                Some(value) => value,
+                None => flat_ops(&params, star, fisher, lam, &grad)?,
+            }
+        }
+        _ => flat_ops(&params, star, fisher, lam, &grad)?,
     };
-    let views = views(&grad, params)?;
+    let views = views(&grad, &params)?;
     Ok(Penalty { value, grad, views })
 }
 
 /// Adds `scale` times the penalty's gradient to the parameters' `.grad` in the same pass that
-/// computes the value (CPU only): no autograd graph, no flat buffer. Reads each `.grad` here
+/// computes the value (CPU and CUDA): no autograd graph, no flat buffer. Reads each `.grad` here
 /// (no per-tensor round trip through Python); parameters that do not require grad get none.
 pub fn add_to_grads(
     params: &[Tensor],
@@ -157,9 +179,9 @@ pub fn add_to_grads(
     scale: f64,
 ) -> Result<AddedToGrads> {
     let (kind, device, _) = validate(params, star, fisher)?;
-    if device != Device::Cpu {
+    if !matches!(device, Device::Cpu | Device::Cuda(_)) {
         return value_err(format!(
-            "params: add_to_grads runs on CPU tensors, got {device:?} (use penalty there)"
+            "params: add_to_grads runs on CPU or CUDA tensors, got {device:?} (use penalty there)"
         ));
     }
     let params: Vec<Tensor> = params.iter().map(contiguous).collect();
@@ -171,10 +193,7 @@ pub fn add_to_grads(
             None
         };
         let writable = g.as_ref().is_some_and(|g| {
-            g.kind() == kind
-                && g.device() == Device::Cpu
-                && g.is_contiguous()
-                && g.size() == p.size()
+            g.kind() == kind && g.device() == device && g.is_contiguous() && g.size() == p.size()
         });
         grads.push(g.filter(|_| writable));
     }
@@ -188,6 +207,7 @@ pub fn add_to_grads(
     }
     let elt = kind.elt_size_in_bytes();
     let mut items = Vec::new();
+    let mut targets = Vec::new();
     let mut pending = Vec::new();
     // Gradients of parameters that take none: computed (the value needs the pass) and dropped.
     let mut scratch = Vec::new();
@@ -196,7 +216,7 @@ pub fn add_to_grads(
         let (grad, write) = match g {
             Some(g) => (Addr::of(&g), GradWrite::Add),
             None => {
-                let fresh = Tensor::f_empty(p.size().as_slice(), (kind, Device::Cpu))
+                let fresh = Tensor::f_empty(p.size().as_slice(), (kind, device))
                     .ctx("add_to_grads (allocate gradient)")?;
                 let at = Addr::of(&fresh);
                 if p.requires_grad() {
@@ -207,17 +227,95 @@ pub fn add_to_grads(
                 (at, GradWrite::Overwrite)
             }
         };
-        let target = Target {
-            param: Addr::of(p),
-            grad,
-            write,
-        };
-        push_items(&mut items, target, offset, p.numel(), elt);
+        if device == Device::Cpu {
+            let target = Target {
+                param: Addr::of(p),
+                grad,
+                write,
+            };
+            push_items(&mut items, target, offset, p.numel(), elt);
+        } else {
+            targets.push(gpu_target(p, grad, offset, write));
+        }
         offset += p.numel();
     }
-    let value = cpu_pass(&items, star, fisher, kind, Scale { lam, grad: scale })?;
+    let scale = Scale { lam, grad: scale };
+    let value = match device {
+        Device::Cuda(ordinal) => match gpu_pass(ordinal, &targets, star, fisher, kind, scale)? {
+            Some(value) => value,
+            // The kernel cannot run here: the libtorch path's gradients, all handed back.
+            None => return add_by_ops(&params, star, fisher, scale),
+        },
+        _ => cpu_pass(&items, star, fisher, kind, scale)?,
+    };
     drop(scratch);
     Ok(AddedToGrads { value, pending })
+}
+
+/// `add_to_grads` where the CUDA kernel cannot run: the libtorch path's flat gradient, scaled,
+/// returned as `pending` for every parameter that requires grad (the caller adds or installs).
+fn add_by_ops(
+    params: &[Tensor],
+    star: &Tensor,
+    fisher: &Tensor,
+    scale: Scale,
+) -> Result<AddedToGrads> {
+    let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
+    let first = &params[0];
+    let mut flat = Tensor::f_empty([total], (first.kind(), first.device()))
+        .ctx("add_to_grads (allocate gradient)")?;
+    let value = flat_ops(params, star, fisher, scale.lam, &flat)?;
+    if scale.grad != 1.0 {
+        let _ = flat.f_mul_scalar_(scale.grad).ctx("add_to_grads (scale)")?;
+    }
+    let views = views(&flat, params)?;
+    let pending = views
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| params[*i].requires_grad())
+        .collect();
+    Ok(AddedToGrads { value, pending })
+}
+
+/// A parameter tensor as the CUDA kernel sees it.
+fn gpu_target(p: &Tensor, grad: Addr, offset: usize, write: GradWrite) -> cuda::Target {
+    cuda::Target {
+        param: p.data_ptr() as u64,
+        grad: grad.as_ptr::<u8>() as u64,
+        offset: offset as u64,
+        len: p.numel() as u64,
+        add: write == GradWrite::Add,
+    }
+}
+
+/// The CUDA kernel over `targets`; `None` when it cannot run on this GPU (see `cuda::status`).
+fn gpu_pass(
+    ordinal: usize,
+    targets: &[cuda::Target],
+    star: &Tensor,
+    fisher: &Tensor,
+    kind: Kind,
+    scale: Scale,
+) -> Result<Option<Tensor>> {
+    let (star, fisher) = (contiguous(star), contiguous(fisher));
+    let coef = (scale.lam * scale.grad) as f32;
+    // SAFETY: the targets were made from live contiguous tensors of `kind` on this GPU (the
+    // parameters, and the flat gradient or fresh/validated `.grad` tensors); `validate` checked
+    // that `star` and `fisher` hold the parameters' total number of elements on the same device;
+    // the callers checked with `writes_are_disjoint` that no gradient target overlaps the inputs
+    // or another target. The tensors outlive the kernels: torch's allocator reuses their memory
+    // only for work queued after them on the same stream.
+    unsafe {
+        cuda::penalty(
+            ordinal as i32,
+            targets,
+            &star,
+            &fisher,
+            kind,
+            coef,
+            scale.lam,
+        )
+    }
 }
 
 /// A contiguous tensor of the same data: `t` itself when it already is (the usual case; no

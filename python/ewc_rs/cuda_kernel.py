@@ -1,0 +1,98 @@
+"""The one-pass CUDA penalty kernel: which path ran, switching it off, and where NVRTC is.
+
+On CUDA parameters, ``EWC.penalty`` and ``EWC.backward`` run one kernel over all parameter tensors
+(read θ, θ*, F; write or add the gradient), compiled at first use by NVRTC, which torch's CUDA
+wheels ship: no CUDA toolkit is needed to build or install ewc_rs. Where it cannot run (no NVRTC,
+a GPU below compute capability 7.0), the penalty uses a handful of libtorch kernels instead, and
+says so once with a ``RuntimeWarning``. README, "CUDA".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import _core
+
+
+def status() -> str:
+    """What the last CUDA penalty ran.
+
+    Returns:
+        ``"unused"``, ``"kernel sm_90 cubin (NVRTC 13.0) on cuda:0"``, or
+        ``"fallback on cuda:0: <reason>"``.
+    """
+    return _core.cuda_kernel_status()
+
+
+def set_enabled(on: bool) -> bool:
+    """Switches the one-pass kernel on or off for the whole process (off: the libtorch path).
+
+    The environment variable ``EWC_RS_CUDA_KERNEL=0`` switches it off from the start.
+
+    Args:
+        on: whether CUDA penalties use the kernel.
+
+    Returns:
+        The previous setting.
+    """
+    if not isinstance(on, bool):
+        raise TypeError(f"on: expected a bool, got {type(on).__name__}")
+    return _core.cuda_kernel_set_enabled(on)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """A block in which CUDA penalties use the libtorch path (for comparisons and benchmarks)."""
+    before = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(before)
+
+
+def nvrtc_dir() -> Optional[Path]:
+    """The folder of the libnvrtc that torch's CUDA wheels install, or None (CPU-only torch, or
+    NVRTC installed elsewhere, e.g. on the loader path, where the kernel finds it by itself).
+
+    Returns:
+        e.g. ``.../site-packages/nvidia/cu13/lib``.
+    """
+    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    if not nvidia.is_dir():
+        return None
+    for lib in sorted(nvidia.glob("*/lib")):
+        if any(lib.glob("libnvrtc.so.*")):
+            return lib
+    return None
+
+
+def compile_check(compute_capability: int) -> tuple[str, int]:
+    """Compiles the kernel for a GPU architecture with NVRTC (no GPU needed): a check of the source.
+
+    Args:
+        compute_capability: e.g. 90 for an H100/H200, 80 for an A100.
+
+    Returns:
+        ``(what, size)``: e.g. ``("sm_90 cubin (NVRTC 13.0)", 31744)``.
+
+    Raises:
+        RuntimeError: NVRTC is not found, or the source does not compile (the log is in the message).
+    """
+    return _core.cuda_compile_check(compute_capability)
+
+
+def _register_nvrtc() -> None:
+    found = nvrtc_dir()
+    if found is not None and os.environ.get("EWC_RS_NVRTC_DIR") is None:
+        _core.cuda_set_nvrtc_dir(str(found))
+    elif os.environ.get("EWC_RS_NVRTC_DIR"):
+        _core.cuda_set_nvrtc_dir(os.environ["EWC_RS_NVRTC_DIR"])
+
+
+_register_nvrtc()
