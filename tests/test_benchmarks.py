@@ -24,13 +24,31 @@ def run(script: str, args: list[str], out: Path) -> dict:
     return json.loads(files[0].read_text())
 
 
+CPU_PENALTY_METHODS = {"seed_loop", "ewc_rs", "ewc_rs_direct", "kernel", "engine", "floor"}
+
+
 def test_bench_penalty_runs_and_agrees(tmp_path: Path) -> None:
     res = run("bench_penalty.py", ["--models", "seed_mlp", "transformer_d64x12", "--repeats", "2"], tmp_path)
+    assert (tmp_path / "penalty_cpu.json").is_file() and res["dtype"] == "float32"
     for name, r in res["results"].items():
-        assert set(r["times_s"]) == {"seed_loop", "ewc_rs", "ewc_rs_direct", "engine", "floor"}, name
+        assert set(r["times_s"]) == CPU_PENALTY_METHODS, name  # libtorch_ops is CUDA-only
         assert all(t > 0 for t in r["times_s"].values()), name
-        # the script checks ewc_rs (both paths) against the seed's formula before timing
+        assert r["floor_bytes"] == 16 * r["parameters"], r  # θ, θ*, F read, gradient written: 4 bytes each
+        assert r["ratio_to_floor"]["floor"] == 1.0 and set(r["gb_per_s"]) == CPU_PENALTY_METHODS, r
+        # the script checks ewc_rs (autograd, direct, raw kernel) against the seed's formula before timing
         assert r["value_rel_err"] <= 1e-5 and r["grad_max_rel_err"] <= 1e-5, (name, r)
+
+
+def test_bench_penalty_bfloat16_parameters(tmp_path: Path) -> None:
+    """bfloat16 weights and gradients, float32 θ* and F: 12 floor bytes a parameter, its own result file."""
+    res = run("bench_penalty.py", ["--models", "seed_mlp", "--dtype", "bfloat16", "--repeats", "2"], tmp_path)
+    assert (tmp_path / "penalty_cpu_bfloat16.json").is_file() and res["dtype"] == "bfloat16"
+    r = res["results"]["seed_mlp"]
+    assert r["dtype"] == "bfloat16" and set(r["times_s"]) == CPU_PENALTY_METHODS, r
+    assert r["floor_bytes"] == 12 * r["parameters"], r
+    assert r["times_s"]["kernel"] > 0, r
+    # the gradient is rounded once to bfloat16 (2⁻⁸ of its magnitude) on either side
+    assert r["value_rel_err"] <= 1e-5 and r["grad_max_rel_err"] <= 1e-2, r
 
 
 def test_bench_fisher_runs(tmp_path: Path) -> None:
