@@ -13,8 +13,10 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def run(script: str, args: list[str], out: Path) -> dict:
+def run(script: str, args: list[str], out: Path, extra_path: str = "") -> dict:
     env = {**os.environ, "EWC_RS_BENCH_RESULTS": str(out)}
+    if extra_path:  # a folder put first on the module search path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=300
     )
@@ -52,8 +54,13 @@ def test_bench_penalty_bfloat16_parameters(tmp_path: Path) -> None:
 
 
 def test_bench_fisher_runs(tmp_path: Path) -> None:
-    res = run("bench_fisher.py", ["--models", "seed_mlp", "--samples", "200", "--repeats", "1"], tmp_path)
+    res = run(
+        "bench_fisher.py", ["--models", "seed_mlp", "--samples", "200", "--batch", "50", "--repeats", "1"], tmp_path
+    )
+    assert (res["samples"], res["batch"]) == (200, 50), res
     times = res["results"]["seed_mlp"]["times_s"]
+    ratio = res["results"]["seed_mlp"]["empirical_over_fwd_bwd"]
+    assert abs(ratio - times["ewc_rs:empirical"] / times["fwd_bwd"]) <= 1e-12, (ratio, times)
     agree = res["results"]["seed_mlp"]["rel_error_vs_loop"]
     assert agree["ewc_rs:empirical"] <= 1e-4, agree  # the loop runs in float32
     assert agree["seed_batched"] > 0.5, agree  # the seed's estimator is far off (≈1/batch size)
@@ -68,6 +75,21 @@ def test_bench_fisher_runs(tmp_path: Path) -> None:
         "ewc_rs:batched",
     ):
         assert times[method] is not None and times[method] > 0, method
+
+
+def test_bench_fisher_without_backpack_says_not_installed(tmp_path: Path) -> None:
+    """BackPACK is optional (absent from the GPU machine unless its wheels are installed): a
+    ``backpack`` that fails to import makes its row say "not installed", the rest still runs."""
+    blocker = tmp_path / "blocker" / "backpack"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('backpack blocked by the test')\n")
+    out = tmp_path / "out"
+    res = run(
+        "bench_fisher.py", ["--models", "seed_mlp", "--samples", "100", "--repeats", "1"], out, str(blocker.parent)
+    )
+    row = res["results"]["seed_mlp"]
+    assert row["times_s"]["backpack"] is None and "not installed" in row["unsupported"]["backpack"], row
+    assert row["times_s"]["ewc_rs:empirical"] > 0 and row["empirical_over_fwd_bwd"] > 0, row
 
 
 def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
