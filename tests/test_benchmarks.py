@@ -38,6 +38,7 @@ def test_bench_penalty_runs_and_agrees(tmp_path: Path) -> None:
         assert r["floor_bytes"] == 16 * r["parameters"], r  # θ, θ*, F read, gradient written: 4 bytes each
         assert r["ratio_to_floor"]["floor"] == 1.0 and set(r["gb_per_s"]) == CPU_PENALTY_METHODS, r
         # the script checks ewc_rs (autograd, direct, raw kernel) against the seed's formula before timing
+        assert set(r["grad_rel_err"]) == {"ewc_rs", "ewc_rs_direct", "kernel"}, r
         assert r["value_rel_err"] <= 1e-5 and r["grad_max_rel_err"] <= 1e-5, (name, r)
 
 
