@@ -22,6 +22,9 @@ OUT ?= demo_out
 ifneq ($(wildcard ../shared/data),)
 export EWC_RS_DATA ?= $(abspath ../shared/data)
 endif
+# The PATH this make was started with (before .venv/bin goes first): `make gpu-check` runs the
+# system python3 of the GPU machine, never a venv's.
+HOST_PATH := $(PATH)
 # tch links libtorch from the installed torch package; tests need its lib/ on the loader path.
 export LIBTORCH_USE_PYTORCH := 1
 # torch-sys's build script asks `python` for torch's location: make it the venv's.
@@ -53,6 +56,7 @@ CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py 
 	tests/test_sequences.py tests/test_persistence.py tests/test_attention.py tests/test_norm_stats.py \
 	tests/test_reference.py tests/test_kfac.py tests/test_distributed.py
 
+.PHONY: gpu-prep gpu-baseline-wheels gpu-check
 .PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels patch-line
 
 $(PY):
@@ -142,6 +146,27 @@ wheels:
 	rm -f dist/ewc_rs-*.whl
 	for v in $(SUPPORTED); do $(MAKE) --no-print-directory wheel-line TORCH=$${v%.*} || exit 1; done
 	$(PYTHON) scripts/wheel_index.py dist
+
+# The GPU machine (CPython 3.12, torch 2.11.0+cu130, no Rust, no network; see scripts/gpu_check.sh).
+# Here: `make gpu-prep` puts the ewc_rs cp312 wheel (built by GPU_WHEEL) and the benchmarks' baseline
+# wheels that machine lacks into .whl/ (git-ignored; carry it). There: `make gpu-check`.
+GPU_WHEEL ?= ../shared/tools/gpu-wheel
+# bench_fisher.py's BackPACK and its one requirement the GPU machine lacks (einops, torchvision, numpy
+# and packaging are there); the versions of .venv's requirements-bench.txt install.
+GPU_BASELINE_WHEELS := backpack-for-pytorch==1.7.1 unfoldNd==0.2.3
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-baseline-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_BASELINE_WHEELS)
+
+gpu-prep: gpu-baseline-wheels
+	$(GPU_WHEEL) .whl
+	ls -la .whl
+
+# The system python3, whatever venv this Makefile exports for the other targets.
+gpu-check:
+	env -u VIRTUAL_ENV PATH="$(HOST_PATH)" PYTHON=python3 bash scripts/gpu_check.sh
 
 clean:
 	cargo clean

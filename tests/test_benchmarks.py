@@ -13,8 +13,10 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def run(script: str, args: list[str], out: Path) -> dict:
+def run(script: str, args: list[str], out: Path, extra_path: str = "") -> dict:
     env = {**os.environ, "EWC_RS_BENCH_RESULTS": str(out)}
+    if extra_path:  # a folder put first on the module search path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=300
     )
@@ -24,18 +26,42 @@ def run(script: str, args: list[str], out: Path) -> dict:
     return json.loads(files[0].read_text())
 
 
+CPU_PENALTY_METHODS = {"seed_loop", "ewc_rs", "ewc_rs_direct", "kernel", "engine", "floor"}
+
+
 def test_bench_penalty_runs_and_agrees(tmp_path: Path) -> None:
     res = run("bench_penalty.py", ["--models", "seed_mlp", "transformer_d64x12", "--repeats", "2"], tmp_path)
+    assert (tmp_path / "penalty_cpu.json").is_file() and res["dtype"] == "float32"
     for name, r in res["results"].items():
-        assert set(r["times_s"]) == {"seed_loop", "ewc_rs", "ewc_rs_direct", "engine", "floor"}, name
+        assert set(r["times_s"]) == CPU_PENALTY_METHODS, name  # libtorch_ops is CUDA-only
         assert all(t > 0 for t in r["times_s"].values()), name
-        # the script checks ewc_rs (both paths) against the seed's formula before timing
+        assert r["floor_bytes"] == 16 * r["parameters"], r  # θ, θ*, F read, gradient written: 4 bytes each
+        assert r["ratio_to_floor"]["floor"] == 1.0 and set(r["gb_per_s"]) == CPU_PENALTY_METHODS, r
+        # the script checks ewc_rs (autograd, direct, raw kernel) against the seed's formula before timing
+        assert set(r["grad_rel_err"]) == {"ewc_rs", "ewc_rs_direct", "kernel"}, r
         assert r["value_rel_err"] <= 1e-5 and r["grad_max_rel_err"] <= 1e-5, (name, r)
 
 
+def test_bench_penalty_bfloat16_parameters(tmp_path: Path) -> None:
+    """bfloat16 weights and gradients, float32 θ* and F: 12 floor bytes a parameter, its own result file."""
+    res = run("bench_penalty.py", ["--models", "seed_mlp", "--dtype", "bfloat16", "--repeats", "2"], tmp_path)
+    assert (tmp_path / "penalty_cpu_bfloat16.json").is_file() and res["dtype"] == "bfloat16"
+    r = res["results"]["seed_mlp"]
+    assert r["dtype"] == "bfloat16" and set(r["times_s"]) == CPU_PENALTY_METHODS, r
+    assert r["floor_bytes"] == 12 * r["parameters"], r
+    assert r["times_s"]["kernel"] > 0, r
+    # the gradient is rounded once to bfloat16 (2⁻⁸ of its magnitude) on either side
+    assert r["value_rel_err"] <= 1e-5 and r["grad_max_rel_err"] <= 1e-2, r
+
+
 def test_bench_fisher_runs(tmp_path: Path) -> None:
-    res = run("bench_fisher.py", ["--models", "seed_mlp", "--samples", "200", "--repeats", "1"], tmp_path)
+    res = run(
+        "bench_fisher.py", ["--models", "seed_mlp", "--samples", "200", "--batch", "50", "--repeats", "1"], tmp_path
+    )
+    assert (res["samples"], res["batch"]) == (200, 50), res
     times = res["results"]["seed_mlp"]["times_s"]
+    ratio = res["results"]["seed_mlp"]["empirical_over_fwd_bwd"]
+    assert abs(ratio - times["ewc_rs:empirical"] / times["fwd_bwd"]) <= 1e-12, (ratio, times)
     agree = res["results"]["seed_mlp"]["rel_error_vs_loop"]
     assert agree["ewc_rs:empirical"] <= 1e-4, agree  # the loop runs in float32
     assert agree["seed_batched"] > 0.5, agree  # the seed's estimator is far off (≈1/batch size)
@@ -50,6 +76,21 @@ def test_bench_fisher_runs(tmp_path: Path) -> None:
         "ewc_rs:batched",
     ):
         assert times[method] is not None and times[method] > 0, method
+
+
+def test_bench_fisher_without_backpack_says_not_installed(tmp_path: Path) -> None:
+    """BackPACK is optional (absent from the GPU machine unless its wheels are installed): a
+    ``backpack`` that fails to import makes its row say "not installed", the rest still runs."""
+    blocker = tmp_path / "blocker" / "backpack"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('backpack blocked by the test')\n")
+    out = tmp_path / "out"
+    res = run(
+        "bench_fisher.py", ["--models", "seed_mlp", "--samples", "100", "--repeats", "1"], out, str(blocker.parent)
+    )
+    row = res["results"]["seed_mlp"]
+    assert row["times_s"]["backpack"] is None and "not installed" in row["unsupported"]["backpack"], row
+    assert row["times_s"]["ewc_rs:empirical"] > 0 and row["empirical_over_fwd_bwd"] > 0, row
 
 
 def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
