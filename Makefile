@@ -148,7 +148,7 @@ wheels:
 	$(PYTHON) scripts/wheel_index.py dist
 
 # The GPU machine (CPython 3.12, torch 2.11.0+cu130, no Rust, no network; see scripts/gpu_check.sh).
-# Here: `make gpu-prep` puts the ewc_rs cp312 wheel (built by GPU_WHEEL) and the benchmarks' baseline
+# Here: `make gpu-prep` puts the ewc_rs wheel for CPython 3.12 (abi3; built by GPU_WHEEL) and the benchmarks' baseline
 # wheels that machine lacks into .whl/ (git-ignored; carry it). There: `make gpu-check`.
 GPU_WHEEL ?= ../shared/tools/gpu-wheel
 # bench_fisher.py's BackPACK and its one requirement the GPU machine lacks (einops, torchvision, numpy
@@ -160,8 +160,11 @@ gpu-baseline-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl $(GPU_BASELINE_WHEELS)
 
+# Its own cargo target dir: torch-sys built against the cp312 venv's torch would otherwise replace
+# (and then rebuild) the one target/ holds for .venv.
 gpu-prep: gpu-baseline-wheels
-	$(GPU_WHEEL) .whl
+	rm -f .whl/ewc_rs-*.whl
+	CARGO_TARGET_DIR=$(EWC_RS_CACHE)/target-gpu-wheel $(GPU_WHEEL) .whl
 	ls -la .whl
 
 # The system python3, whatever venv this Makefile exports for the other targets.

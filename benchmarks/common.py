@@ -45,6 +45,41 @@ def median_time(
     return statistics.median(times)
 
 
+def pipelined_time(fn: Callable[[], Any], *, calls: int = 20, repeats: int = 5) -> float:
+    """Seconds per call of ``calls`` back-to-back calls followed by one CUDA synchronisation (median
+    over ``repeats``): the cost of a step in a training loop, where the host queues work ahead of
+    the GPU, so host overhead is hidden behind device time when it is the smaller of the two."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def device_kernel_time(fn: Callable[[], Any], prefixes: tuple[str, ...], *, calls: int = 10) -> Optional[float]:
+    """GPU seconds per call spent in the CUDA kernels whose names start with one of ``prefixes``,
+    as the profiler (CUPTI) records them over ``calls`` calls: the device's own time, without the
+    host's. None when the profiler records no such kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith(prefixes):
+            total_us += getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+    return total_us * 1e-6 / calls if total_us > 0 else None
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),

@@ -3,7 +3,7 @@
 # no network), in the repository's root, with the prebuilt wheels in .whl/ (`make gpu-prep` here, and
 # `.whl` carried along):
 #   1. env.txt: GPU (nvidia-smi), Python, torch, the ewc_rs that imports and where from;
-#   2. installs .whl/*.whl (the ewc_rs cp312 wheel, BackPACK's wheels) into /tmp/ewc_site, first on
+#   2. installs .whl/*.whl (the ewc_rs wheel built with CPython 3.12 — abi3, so named cp39-abi3 — and BackPACK's wheels) into /tmp/ewc_site, first on
 #      PYTHONPATH, so that the wheel, not the checkout's python/ folder, is what the steps import;
 #   3. tests.log: tests/test_cuda.py, then the CUDA cases (-k cuda) of tests/test_fisher.py and tests/test_ewc.py;
 #   4. bench_penalty.log: benchmarks/bench_penalty.py --device cuda, float32 then bfloat16;
@@ -66,10 +66,10 @@ if [ "${EWC_RS_GPU_CHECK_NO_INSTALL:-0}" = 1 ]; then
 else
     shopt -s nullglob
     wheels=(.whl/*.whl)
-    ours=(.whl/ewc_rs-*-cp312-*.whl)
+    ours=(.whl/ewc_rs-*.whl)
     shopt -u nullglob
     if [ "${#ours[@]}" -ne 1 ]; then
-        note "expected exactly one .whl/ewc_rs-*-cp312-*.whl, found ${#ours[@]}: run \`make gpu-prep\` on the build machine and carry .whl"
+        note "expected exactly one .whl/ewc_rs-*.whl, found ${#ours[@]}: run \`make gpu-prep\` on the build machine and carry .whl"
         exit 2
     fi
     rm -rf "$SITE"
@@ -91,6 +91,14 @@ if torch.cuda.is_available():
 import ewc_rs
 print("ewc_rs", ewc_rs.__version__, "from", ewc_rs.__file__)
 print("ewc_rs.cuda_kernel:", "present" if importlib.util.find_spec("ewc_rs.cuda_kernel") else "absent")
+try:
+    from ewc_rs import cuda_kernel
+    print("NVRTC folder:", cuda_kernel.nvrtc_dir())
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        print("kernel for this GPU:", cuda_kernel.compile_check(10 * major + minor))
+except Exception as e:  # reported, not fatal: the tests say more
+    print("kernel compile check failed:", repr(e))
 for name in ("backpack", "unfoldNd", "einops", "torchvision", "pytest", "hypothesis"):
     try:
         mod = __import__(name)

@@ -231,6 +231,17 @@ def test_fallback_gives_the_same_figures_and_says_why(seed: int, kernel_on: None
         v2, f2, _ = _core.penalty(params, star, fisher, 4.0)
         assert "switched off" in cuda_kernel.status(), cuda_kernel.status()
     assert rel(float(v2), float(value)) <= 1e-5 and grad_error(f2, flat.double().cpu()) <= 1e-6, seed
+    for p in params[:3]:
+        p.requires_grad_(True)
+    params[0].grad = torch.ones_like(params[0])
+    with cuda_kernel.disabled():  # EWC.backward's path: everything handed back, added by the caller
+        v3, pending = _core.penalty_add_to_grads(params, star, fisher, 4.0, 2.0)
+    assert rel(float(v3), float(value)) <= 1e-5, seed
+    assert [i for i, _ in pending] == [0, 1, 2], "the fallback hands back every gradient"
+    parts = torch.split(flat, [p.numel() for p in params])
+    for i, t in pending:
+        assert grad_error(t, 2.0 * parts[i].reshape(params[i].shape).double().cpu()) <= 1e-6, (seed, i)
+    assert torch.equal(params[0].grad, torch.ones_like(params[0])), "the fallback writes no .grad itself"
 
 
 @needs_gpu
