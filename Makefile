@@ -54,7 +54,7 @@ LINE_ENV = env VIRTUAL_ENV=$(abspath $(LINE_VENV)) PATH=$(abspath $(LINE_VENV))/
 # `make test-core` runs them on another torch line; `make test` runs every test on the default line.
 CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py tests/test_boundary.py \
 	tests/test_sequences.py tests/test_persistence.py tests/test_attention.py tests/test_norm_stats.py \
-	tests/test_reference.py tests/test_kfac.py tests/test_distributed.py
+	tests/test_reference.py tests/test_kfac.py tests/test_distributed.py tests/test_cuda.py
 
 .PHONY: gpu-prep gpu-baseline-wheels gpu-check
 .PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels patch-line

@@ -136,12 +136,19 @@ def test_gradients_added_into_grad_in_the_same_pass(seed: int, kernel_on: None) 
     assert params[3].grad is None
 
 
-@needs_gpu
-def test_ewc_penalty_and_backward_match_the_naive_formula_on_gpu(seed: int, kernel_on: None) -> None:
+def model_on_gpu(seed: int) -> tuple[nn.Module, EWC, float, dict[str, torch.Tensor]]:
+    """A consolidated, perturbed model moved to the GPU with its EWC, and the naive penalty's value
+    and gradients computed on CPU before the move."""
     model, ewc, pairs, _ = consolidated_model("mlp_bn", seed)
     want, want_grads = naive_value_and_grads(model, pairs, 100.0)
     model.cuda()
     ewc.to("cuda")
+    return model, ewc, want, want_grads
+
+
+@needs_gpu
+def test_ewc_penalty_and_backward_match_the_naive_formula_on_gpu(seed: int, kernel_on: None) -> None:
+    model, ewc, want, want_grads = model_on_gpu(seed)
     value, grads = ewc_value_and_grads(model, ewc)
     assert cuda_kernel.status().startswith("kernel "), cuda_kernel.status()
     assert rel(float(value), want) <= 1e-5, seed
@@ -173,10 +180,7 @@ def test_runs_on_torchs_current_stream(seed: int, kernel_on: None) -> None:
 
 @needs_gpu
 def test_under_autocast_bf16(seed: int, kernel_on: None) -> None:
-    model, ewc, pairs, batches = consolidated_model("mlp_bn", seed)
-    want, want_grads = naive_value_and_grads(model, pairs, 100.0)
-    model.cuda()
-    ewc.to("cuda")
+    model, ewc, want, want_grads = model_on_gpu(seed)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         value = ewc.penalty(model)
     assert value.dtype == torch.float32 and rel(float(value), want) <= 1e-5, seed

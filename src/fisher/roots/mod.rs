@@ -272,7 +272,9 @@ fn check_range(labels: &Tensor, c: i64, what: &str, also: &str) -> Result<()> {
     if labels.numel() == 0 {
         return Ok(());
     }
-    let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+    // One device-to-host copy for both ends (each read of a GPU value waits for the GPU).
+    let ends = Tensor::stack(&[labels.min(), labels.max()], 0).to_device(tch::Device::Cpu);
+    let (lo, hi) = (ends.int64_value(&[0]), ends.int64_value(&[1]));
     if lo < 0 || hi >= c {
         return value_err(format!(
             "{what}: labels must lie in [0, {c}) for {c} output classes{also}, found range [{lo}, {hi}]"
