@@ -142,17 +142,42 @@ pub struct Buffers {
     pub value: u64,
 }
 
-impl Kernels {
-    /// Blocks of one launch over `tiles` tiles.
-    fn grid(&self, tiles: u32) -> u32 {
-        tiles.min(self.sms * BLOCKS_PER_SM).max(1)
-    }
+/// Blocks of one launch over `tiles` tiles on a GPU of `sms` multiprocessors.
+pub(super) fn grid(tiles: u32, sms: u32) -> u32 {
+    tiles.min(sms * BLOCKS_PER_SM).max(1)
+}
 
+/// Hands each launch's table (its partial sums at the next free slots of `bufs.partials`) and grid
+/// to `launch`; returns how many partial sums the launches write. Shared by the GPU path and the
+/// CPU run of the kernel's source in the tests.
+pub(super) fn each_launch(
+    launches: &[table::Launch],
+    bufs: &Buffers,
+    coef: f32,
+    max_items: usize,
+    grid_of: impl Fn(u32) -> u32,
+    mut launch: impl FnMut(&mut [u8], u32) -> Result<(), String>,
+) -> Result<u32, String> {
+    let mut written = 0u64;
+    for l in launches {
+        let grid = grid_of(l.tiles);
+        let partials = bufs.partials + 8 * written;
+        let mut bytes = table::table_bytes(l, [bufs.star, bufs.fisher, partials], coef, max_items);
+        launch(&mut bytes, grid)?;
+        written += grid as u64;
+    }
+    Ok(written as u32)
+}
+
+impl Kernels {
     /// The launches over `targets`, and the number of partial sums they write.
     pub fn plan(&self, targets: &[Target]) -> Result<(Vec<table::Launch>, usize), String> {
         let launches = table::launches(targets, self.max_items)
             .ok_or("a parameter tensor has more than 4·10¹² elements")?;
-        let partials = launches.iter().map(|l| self.grid(l.tiles) as usize).sum();
+        let partials = launches
+            .iter()
+            .map(|l| grid(l.tiles, self.sms) as usize)
+            .sum();
         Ok((launches, partials))
     }
 
@@ -172,34 +197,26 @@ impl Kernels {
         stream: sys::CUstream,
     ) -> Result<(), String> {
         within(self.ctx, || {
-            let mut written = 0u64;
-            for launch in launches {
-                let grid = self.grid(launch.tiles);
-                let partials = bufs.partials + 8 * written;
-                let mut bytes = table::table_bytes(
-                    launch,
-                    [bufs.star, bufs.fisher, partials],
-                    coef,
-                    self.max_items,
-                );
-                let mut params = [bytes.as_mut_ptr().cast::<c_void>()];
-                // SAFETY: the caller's contract; `params` points at one `struct Table`, which the
-                // driver copies before returning.
-                unsafe {
-                    cu::launch_kernel(
-                        self.penalty[variant],
-                        (grid, 1, 1),
-                        (BLOCK, 1, 1),
-                        0,
-                        stream,
-                        &mut params,
-                    )
-                }
-                .map_err(|e| driver("launch penalty", e))?;
-                written += grid as u64;
-            }
+            let grid_of = |tiles| grid(tiles, self.sms);
+            let written =
+                each_launch(launches, bufs, coef, self.max_items, grid_of, |bytes, g| {
+                    let mut params = [bytes.as_mut_ptr().cast::<c_void>()];
+                    // SAFETY: the caller's contract; `params` points at one `struct Table`, which the
+                    // driver copies before returning.
+                    unsafe {
+                        cu::launch_kernel(
+                            self.penalty[variant],
+                            (g, 1, 1),
+                            (BLOCK, 1, 1),
+                            0,
+                            stream,
+                            &mut params,
+                        )
+                    }
+                    .map_err(|e| driver("launch penalty", e))
+                })?;
             let (mut partials, mut n, mut scale, mut value) =
-                (bufs.partials, written as u32, half_lam, bufs.value);
+                (bufs.partials, written, half_lam, bufs.value);
             let mut params = [
                 (&mut partials as *mut u64).cast::<c_void>(),
                 (&mut n as *mut u32).cast(),

@@ -174,4 +174,6 @@ pub unsafe fn penalty(
 }
 
 #[cfg(test)]
+mod emulated;
+#[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@
 // F·d² summed: in float within a tile, in double across tiles and threads; one double per block
 // goes to `partials`, and `ewc_penalty_finish` sums those in a fixed order (deterministic).
 // Layout of Item and Table: keep in step with src/cuda/table.rs (checked below and there).
+// `cargo test` also runs this source on the CPU (src/cuda/emulation/: EWC_HOST_EMULATION).
 
 typedef unsigned long long u64;
 typedef unsigned short u16;
@@ -47,15 +48,23 @@ struct F32 {
 struct F16 {
     typedef u16 T;
     static __device__ __forceinline__ float get(T v) {
+#ifdef EWC_HOST_EMULATION
+        return ewc_half_to_float(v);
+#else
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
         return f;
+#endif
     }
     static __device__ __forceinline__ float load(const T* p) { return get(__ldg(p)); }
     static __device__ __forceinline__ T put(float x) {
+#ifdef EWC_HOST_EMULATION
+        return ewc_float_to_half(x);
+#else
         T h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
         return h;
+#endif
     }
 };
 struct BF16 {
