@@ -263,3 +263,28 @@ def test_version_is_exported() -> None:
     """The module imports with the kernel's bindings on any machine (no CUDA needed to load)."""
     assert {"cuda_kernel_status", "cuda_kernel_set_enabled", "cuda_compile_check"} <= set(dir(_core))
     assert ewc_rs.cuda_kernel.status() in ("unused",) or " on cuda:" in ewc_rs.cuda_kernel.status()
+
+
+@needs_gpu
+def test_captured_in_a_cuda_graph_and_replayed(seed: int, kernel_on: None) -> None:
+    """The launches go to the capturing stream with their tables as parameters: a replay computes
+    the penalty of the parameters' current values into the same buffers (last: a failed capture
+    must not disturb the other tests)."""
+    g = torch.Generator().manual_seed(seed)
+    params, star, fisher = draw([(300, 7), (1000,), (5,)], torch.float32, torch.float32, g)
+    out = torch.empty(star.numel(), device=DEV)
+    side = torch.cuda.Stream()  # warm-up (compilation, allocations) off the default stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _core.penalty(params, star, fisher, 2.0, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        value, flat, _ = _core.penalty(params, star, fisher, 2.0, out)
+    for _ in range(2):
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g).to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, grad = reference(params, star, fisher, 2.0)
+        assert rel(float(value), want) <= 1e-5 and grad_error(flat, grad) <= 1e-6, seed
