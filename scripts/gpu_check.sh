@@ -9,7 +9,7 @@
 #   4. bench_penalty.log: benchmarks/bench_penalty.py --device cuda, float32 then bfloat16;
 #   5. bench_fisher.log: benchmarks/bench_fisher.py --device cuda;
 #   6. summary.txt: each step's exit status and seconds; results/*.json: the benchmarks' result files.
-# Every step runs under its own `timeout` (110 + 110 + 75 + 75 + 120 s: worst case with the install
+# Every step runs under its own `timeout` (100 + 100 + 100 + 100 + 110 s: worst case with the install
 # ≈ 8.5 min, so give the device call timeout_s 570; expected about 4 min), and every step runs even
 # when an earlier one failed. At most 8 files come back from $OUT; this writes 8.
 #
@@ -125,13 +125,13 @@ gpu=0
 TESTS_LOG=$OUT/tests.log
 : >"$TESTS_LOG"
 if [ -f tests/test_cuda.py ]; then
-    run_step "tests/test_cuda.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-110}" \
+    run_step "tests/test_cuda.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-100}" \
         "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
 else
     note "tests/test_cuda.py is missing: the CUDA kernel's own tests did not run"
     [ "$gpu" = 0 ] || status=1 # without a GPU they would have skipped anyway
 fi
-run_step "CUDA cases of test_fisher.py and test_ewc.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-110}" \
+run_step "CUDA cases of test_fisher.py and test_ewc.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-100}" \
     "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_fisher.py tests/test_ewc.py -k cuda
 
 device=cuda
@@ -158,12 +158,12 @@ export EWC_RS_BENCH_RESULTS=$OUT/results
 PENALTY_LOG=$OUT/bench_penalty.log
 : >"$PENALTY_LOG"
 for dtype in float32 bfloat16; do
-    run_step "bench_penalty --dtype $dtype" "$PENALTY_LOG" "${GPU_CHECK_T_PENALTY:-75}" \
+    run_step "bench_penalty --dtype $dtype" "$PENALTY_LOG" "${GPU_CHECK_T_PENALTY:-100}" \
         "$PYTHON" benchmarks/bench_penalty.py --device "$device" --dtype "$dtype" "${penalty_args[@]}"
 done
 FISHER_LOG=$OUT/bench_fisher.log
 : >"$FISHER_LOG"
-run_step "bench_fisher" "$FISHER_LOG" "${GPU_CHECK_T_FISHER:-120}" \
+run_step "bench_fisher" "$FISHER_LOG" "${GPU_CHECK_T_FISHER:-110}" \
     "$PYTHON" benchmarks/bench_fisher.py --device "$device" "${fisher_args[@]}"
 
 note "done: exit $status"

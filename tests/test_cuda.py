@@ -265,6 +265,26 @@ def test_version_is_exported() -> None:
     assert ewc_rs.cuda_kernel.status() in ("unused",) or " on cuda:" in ewc_rs.cuda_kernel.status()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_fisher_under_autocast_bf16(device: str, kind: str, seed: int) -> None:
+    """Estimated inside ``torch.autocast(bfloat16)`` (as a training loop under AMP would call
+    ``consolidate``): float32 results within bf16's rounding of the float32 estimate."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(device)
+    x, y = torch.randn(32, 1, 8, 8, device=device), torch.randint(0, 5, (32,), device=device)
+    data = [(x[:16], y[:16]), (x[16:], y[16:])]
+    want = ewc_rs.fisher_diag(model, data, kind=kind)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = ewc_rs.fisher_diag(model, data, kind=kind)
+    for n, f in got.items():
+        assert f.dtype == torch.float32 and f.device == want[n].device, n
+        err = float((f - want[n]).norm() / want[n].norm())
+        assert err <= 3e-2, (seed, n, err)
+
+
 @needs_gpu
 def test_captured_in_a_cuda_graph_and_replayed(seed: int, kernel_on: None) -> None:
     """The launches go to the capturing stream with their tables as parameters: a replay computes
