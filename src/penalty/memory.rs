@@ -34,8 +34,13 @@ impl Addr {
 /// its strides (PyTorch strides are never negative). Empty for a tensor without elements.
 pub fn span(t: &Tensor) -> Range<usize> {
     let start = t.data_ptr() as usize;
-    if t.numel() == 0 {
+    let numel = t.numel();
+    if numel == 0 {
         return start..start;
+    }
+    // The usual case, without reading sizes and strides (this runs per tensor on every step).
+    if t.is_contiguous() {
+        return start..start + numel * t.kind().elt_size_in_bytes();
     }
     let last: i64 = t
         .size()
