@@ -375,6 +375,30 @@ def test_half_precision_model_after_consolidation(dtype: torch.dtype, tol: float
     assert err_v <= tol and err_g <= tol, f"seed={seed}: {dtype}: value {err_v:.3g}, grad {err_g:.3g}"
 
 
+def test_parameters_retyped_after_a_step_are_followed(seed: int) -> None:
+    """After steps on the cached plan, one layer (then the whole model) changes dtype: the plan
+    sees it (a one-group plan through the Rust pass's refusal) and both paths match the naive
+    penalty of the retyped model; a genuine error still raises."""
+    model, ewc, pairs, _ = consolidated_model("mlp_bn", seed)
+    ewc_value_and_grads(model, ewc)
+    model.zero_grad(set_to_none=False)
+    ewc.backward(model)  # the plan and its buffer exist
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    for change in (lambda: first.to(torch.bfloat16), lambda: model.to(torch.float16)):
+        change()
+        want, want_grads = naive_value_and_grads(model, pairs, 100.0)
+        value, grads = ewc_value_and_grads(model, ewc)
+        assert rel(float(value), want) <= 2e-2, f"seed={seed}"
+        assert relative_error(grads, want_grads) <= 2e-2, f"seed={seed}"
+        model.zero_grad(set_to_none=True)
+        assert rel(float(ewc.backward(model)), want) <= 2e-2, f"seed={seed}"
+        assert relative_error(grads_of(model), want_grads) <= 2e-2, f"seed={seed}"
+    model.float()
+    first.weight.data = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="model: parameter"):
+        ewc.penalty(model)
+
+
 def test_ewc_to_cpu(seed: int) -> None:
     model, ewc, pairs, _ = consolidated_model("cnn", seed)
     before = ewc.penalty(model).item()

@@ -24,6 +24,7 @@ derivative of the penalty raises an error.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from . import options, persistence
-from .kfac_penalty import AnyPlan, build_plan
+from .kfac_penalty import AnyPlan, build_plan, run_on_plan
 from .norm_stats import NormStatsFreezer
 from .options import ParamSelector
 from .penalty import FusedPenalty, zero_penalty
@@ -128,8 +129,8 @@ class EWC:
         model = self._model if model is None else model
         if not self._tasks:
             return zero_penalty(model)
-        plan = self._plan(model)
-        return FusedPenalty.run(plan.evaluate(self.lam), plan, self.lam, *plan.params)
+        plan, evaluation = run_on_plan(functools.partial(self._plan, model), lambda p: p.evaluate(self.lam))
+        return FusedPenalty.run(evaluation, plan, self.lam, *plan.params)
 
     __call__ = penalty
 
@@ -155,12 +156,12 @@ class EWC:
         if not self._tasks:
             return zero_penalty(model)
         with torch.no_grad():
-            return self._plan(model).add_to_grads(self.lam, scale)
+            return run_on_plan(functools.partial(self._plan, model), lambda p: p.add_to_grads(self.lam, scale))[1]
 
-    def _plan(self, model: nn.Module) -> AnyPlan:
-        """The cached plan, rebuilt when the state, the parameter objects or their placement change."""
+    def _plan(self, model: nn.Module, fresh: bool = False) -> AnyPlan:
+        """The cached plan, rebuilt when asked, or when the state, the parameter objects or their placement change."""
         plan = self._cached_plan
-        if plan is None or not plan.matches(model):
+        if fresh or plan is None or not plan.matches(model):
             plan = self._cached_plan = build_plan(model, self._tasks, self.storage_dtype)
         return plan
 

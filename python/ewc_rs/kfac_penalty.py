@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class KfacPlan:
     weights: list[torch.Tensor]
     biases: list[Optional[torch.Tensor]]
     params: list[torch.Tensor] = field(init=False)
-    links: list[tuple[dict, str, Any]] = field(init=False)
+    links: sharding.ParameterLinks = field(init=False)
     placement: list[tuple[torch.device, torch.dtype]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,9 +117,15 @@ class KfacPlan:
 
     def matches(self, model: nn.Module) -> bool:
         """Same model, same parameter objects, each still on its device and dtype."""
-        if sharding.unwrap(model) is not self.model or not all(d.get(k) is o for d, k, o in self.links):
+        if sharding.unwrap(model) is not self.model or not self.links.hold():
             return False
         if self.diag is not None and not self.diag.matches(model):
+            return False
+        return self.placement_holds()
+
+    def placement_holds(self) -> bool:
+        """Each parameter still on the device and dtype the plan was made for."""
+        if self.diag is not None and not self.diag.placement_holds():
             return False
         return all((p.device, p.dtype) == pl for p, pl in zip(self.params, self.placement))
 
@@ -175,3 +181,28 @@ def build_plan(model: nn.Module, tasks: Sequence[TaskRecord], storage_dtype: tor
     if any(t.kron for t in tasks):
         return KfacPlan.build(model, tasks, storage_dtype)
     return PenaltyPlan.build(model, tasks, storage_dtype)
+
+
+T = TypeVar("T")
+
+
+def run_on_plan(plan_for: Callable[[bool], AnyPlan], step: Callable[[AnyPlan], T]) -> tuple[AnyPlan, T]:
+    """``step`` on the cached plan; once more on a fresh one when the Rust pass refused a parameter
+    that moved or changed dtype since the plan was made (a one-group plan leaves that check to the
+    pass, which then writes nothing; see :meth:`PenaltyPlan.matches`).
+
+    Args:
+        plan_for: the cached plan (``False``) or a fresh one (``True``), e.g. ``EWC._plan``.
+        step: what to run on the plan (evaluate, add to ``.grad``).
+
+    Returns:
+        The plan used and what ``step`` returned.
+    """
+    plan = plan_for(False)
+    try:
+        return plan, step(plan)
+    except (ValueError, TypeError):
+        if plan.placement_holds():
+            raise
+    plan = plan_for(True)
+    return plan, step(plan)

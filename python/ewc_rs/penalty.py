@@ -90,7 +90,7 @@ class PenaltyPlan:
     group: distributed.Group = None
     # (dict, key, object) links: while each ``dict[key] is object`` holds, the model would give
     # the same parameter objects under the same names, so the plan is still valid.
-    links: list[tuple[dict, str, Any]] = field(init=False)
+    links: sharding.ParameterLinks = field(init=False)
 
     def __post_init__(self) -> None:
         self.links = sharding.parameter_links(self.model)
@@ -151,9 +151,16 @@ class PenaltyPlan:
         return cls(model, names, params, groups, max(consts[0], 0.0), max(consts[1], 0.0), group)
 
     def matches(self, model: nn.Module) -> bool:
-        """Same model, same parameter objects, each group still on its device and dtype."""
-        if sharding.unwrap(model) is not self.model or not all(d.get(k) is o for d, k, o in self.links):
+        """Same model, same parameter objects and, with several groups, each still on its group's
+        device and dtype. With one group that check (≈0.15 µs a parameter, every step) is left to
+        the Rust pass, which refuses a moved or retyped parameter before writing anything; the
+        caller then rebuilds (:func:`ewc_rs.kfac_penalty.run_on_plan`)."""
+        if sharding.unwrap(model) is not self.model or not self.links.hold():
             return False
+        return len(self.groups) == 1 or self.placement_holds()
+
+    def placement_holds(self) -> bool:
+        """Each parameter still on its group's device and dtype."""
         return all(p.device == g.device and p.dtype == g.dtype for g in self.groups for p in g.params)
 
     def evaluate(self, lam: float, *, reuse: bool = True) -> Evaluation:

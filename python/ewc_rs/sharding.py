@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -99,11 +100,25 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def parameter_links(model: nn.Module) -> list[tuple[dict, str, Any]]:
-    """(dict, key, object) for every submodule and parameter of the unwrapped ``model``: while each
+class ParameterLinks:
+    """(dict, key, object) for every submodule and parameter of a model: while each
     ``dict[key] is object`` holds, :func:`named_parameters` returns the same objects under the same
-    names. An FSDP2 parameter links to its ``FSDPParam``'s sharded parameter, not to the module's
-    slot (which FSDP2 swaps at every forward).
+    names (checked on every training step: kept as three columns for a fast :meth:`hold`)."""
+
+    def __init__(self, links: list[tuple[dict, str, Any]]) -> None:
+        self.dicts: tuple[dict, ...] = tuple(d for d, _, _ in links)
+        self.keys: tuple[str, ...] = tuple(k for _, k, _ in links)
+        self.objects: tuple[Any, ...] = tuple(o for _, _, o in links)
+
+    def hold(self) -> bool:
+        """Whether every link still holds."""
+        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
+
+
+def parameter_links(model: nn.Module) -> ParameterLinks:
+    """The links of every submodule and parameter of the unwrapped ``model``. An FSDP2 parameter
+    links to its ``FSDPParam``'s sharded parameter, not to the module's slot (which FSDP2 swaps at
+    every forward).
 
     Args:
         model: a module, possibly DDP-wrapped or ``fully_shard``-ed.
@@ -119,7 +134,7 @@ def parameter_links(model: nn.Module) -> list[tuple[dict, str, Any]]:
         for k, v in module._parameters.items():
             fp = fsdp.get((id(module), k))
             links.append((module._parameters, k, v) if fp is None else (fp.__dict__, "sharded_param", fp.sharded_param))
-    return links
+    return ParameterLinks(links)
 
 
 @contextmanager
