@@ -39,7 +39,9 @@ SEED: int = int(os.environ.get("EWC_RS_TEST_SEED") or secrets.randbits(31))
 TOL = 1e-4
 #: Low-precision models vs the float32 model's reference. bfloat16 keeps 8 significant bits; on
 #: mlp_bn (BatchNorm in eval) its error has a heavy tail: median 0.005, 0.10 once in 150 draws.
-HALF_TOL: dict[torch.dtype, float] = {torch.float16: 5e-2, torch.bfloat16: 0.25}
+#: float16 too (mlp_bn, empirical, 300 draws: median 4e-4, 99th percentile 0.011, largest 0.106; a
+#: float64 reference on the rounded weights and inputs still gave 0.07: the activations' rounding).
+HALF_TOL: dict[torch.dtype, float] = {torch.float16: 0.15, torch.bfloat16: 0.25}
 #: Batch sizes of the standard loader: several batches, the last one uneven.
 SIZES = (4, 4, 3)
 #: Cuts the second batch of ``SIZES`` in the middle.
