@@ -4,7 +4,8 @@ On CUDA parameters, ``EWC.penalty`` and ``EWC.backward`` run one kernel over all
 (read θ, θ*, F; write or add the gradient), compiled at first use by NVRTC, which torch's CUDA
 wheels ship: no CUDA toolkit is needed to build or install ewc_rs. Where it cannot run (no NVRTC,
 a GPU below compute capability 7.0), the penalty uses a handful of libtorch kernels instead, and
-says so once with a ``RuntimeWarning``. README, "CUDA".
+says so once with a ``RuntimeWarning``. NVRTC is found by its soname, else in the folder
+``EWC_RS_NVRTC_DIR`` names, else next to torch (:func:`nvrtc_dir`). README, "GPU".
 """
 
 from __future__ import annotations
@@ -88,11 +89,10 @@ def compile_check(compute_capability: int) -> tuple[str, int]:
 
 
 def _register_nvrtc() -> None:
-    found = nvrtc_dir()
-    if found is not None and os.environ.get("EWC_RS_NVRTC_DIR") is None:
-        _core.cuda_set_nvrtc_dir(str(found))
-    elif os.environ.get("EWC_RS_NVRTC_DIR"):
-        _core.cuda_set_nvrtc_dir(os.environ["EWC_RS_NVRTC_DIR"])
+    """Tells the kernel where NVRTC is: ``EWC_RS_NVRTC_DIR`` when set, else torch's own copy."""
+    chosen = os.environ.get("EWC_RS_NVRTC_DIR") or nvrtc_dir()
+    if chosen:
+        _core.cuda_set_nvrtc_dir(str(chosen))
 
 
 _register_nvrtc()
