@@ -61,8 +61,7 @@ fn emulator() -> Option<&'static libloading::Library> {
 fn run(
     lib: &libloading::Library,
     targets: &[Target],
-    star: &Tensor,
-    fisher: &Tensor,
+    [star, fisher]: [&Tensor; 2],
     param: Kind,
     coef: f32,
     lam: f64,
@@ -183,7 +182,7 @@ fn the_kernel_source_run_on_the_cpu_matches_the_reference() {
                 })
                 .collect();
             let (lam, coef) = (3.0, 1.5f32);
-            let value = run(lib, &targets, &star, &fisher, param, coef, lam);
+            let value = run(lib, &targets, [&star, &fisher], param, coef, lam);
             let d = flat.to_kind(Kind::Double) - star.to_kind(Kind::Double);
             let f = fisher.to_kind(Kind::Double);
             let want = (&f * &d * &d).sum(Kind::Double).double_value(&[]) * 0.5 * lam;

@@ -110,7 +110,7 @@ fn variant(param: Kind, storage: Kind) -> Option<usize> {
     }
 }
 
-/// Runs the one-pass penalty over `targets` on GPU `ordinal`: gradients `coef`·F·(θ−θ*) written
+/// Runs the one-pass penalty over `targets` on GPU `ordinal` with the flat `[θ*, F]`: gradients `coef`·F·(θ−θ*) written
 /// or added as each target says, and returns the value (λ/2) Σ F (θ−θ*)² as a 0-d float32 tensor
 /// on that GPU. `Ok(None)`: the kernel cannot run here (the caller falls back; `status` says why).
 ///
@@ -121,8 +121,7 @@ fn variant(param: Kind, storage: Kind) -> Option<usize> {
 pub unsafe fn penalty(
     ordinal: i32,
     targets: &[Target],
-    star: &Tensor,
-    fisher: &Tensor,
+    [star, fisher]: [&Tensor; 2],
     param: Kind,
     coef: f32,
     lam: f64,

@@ -309,8 +309,7 @@ fn gpu_pass(
         cuda::penalty(
             ordinal as i32,
             targets,
-            &star,
-            &fisher,
+            [&star, &fisher],
             kind,
             coef,
             scale.lam,
