@@ -384,15 +384,16 @@ def test_parameters_retyped_after_a_step_are_followed(seed: int) -> None:
     model.zero_grad(set_to_none=False)
     ewc.backward(model)  # the plan and its buffer exist
     first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    # The naive penalty of the retyped model rounds as ours does: 150 draws differed by ≤ 2.5e-5.
     for change in (lambda: first.to(torch.bfloat16), lambda: model.to(torch.float16)):
         change()
         want, want_grads = naive_value_and_grads(model, pairs, 100.0)
         value, grads = ewc_value_and_grads(model, ewc)
-        assert rel(float(value), want) <= 2e-2, f"seed={seed}"
-        assert relative_error(grads, want_grads) <= 2e-2, f"seed={seed}"
+        assert rel(float(value), want) <= 5e-3, f"seed={seed}"
+        assert relative_error(grads, want_grads) <= 5e-3, f"seed={seed}"
         model.zero_grad(set_to_none=True)
-        assert rel(float(ewc.backward(model)), want) <= 2e-2, f"seed={seed}"
-        assert relative_error(grads_of(model), want_grads) <= 2e-2, f"seed={seed}"
+        assert rel(float(ewc.backward(model)), want) <= 5e-3, f"seed={seed}"
+        assert relative_error(grads_of(model), want_grads) <= 5e-3, f"seed={seed}"
     model.float()
     first.weight.data = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="model: parameter"):
