@@ -133,8 +133,8 @@ fn within<T>(ctx: sys::CUcontext, f: impl FnOnce() -> Result<T, String>) -> Resu
     out
 }
 
-/// Device buffers of one pass: flat θ*, flat F, the per-block partial sums (doubles, at least
-/// [`Kernels::partials_needed`] of them) and the 0-d float32 value.
+/// Device buffers of one pass: flat θ*, flat F, the per-block partial sums (doubles, as many as
+/// [`Kernels::plan`] counts) and the 0-d float32 value.
 pub struct Buffers {
     pub star: u64,
     pub fisher: u64,

@@ -1,6 +1,7 @@
 //! The penalty's one-pass CUDA kernel: one launch (one per 768 parameter tensors) reads θ, θ* and
-//! F and writes or adds the gradient, 16 bytes per float32 parameter (the memory floor), and one
-//! small launch sums the value; both on torch's current stream, without any host-device copy.
+//! F and writes the gradient, 16 bytes per float32 parameter (the memory floor), or adds it into
+//! `.grad` (20, reading it too), and one small launch sums the value; both on torch's current
+//! stream, without any host-device copy.
 //!
 //! Nothing CUDA is needed to build it: the kernel (`penalty.cu`) is compiled at run time by
 //! NVRTC, which torch's CUDA wheels ship, and the driver is reached through `cudarc`'s dynamic
@@ -110,9 +111,10 @@ fn variant(param: Kind, storage: Kind) -> Option<usize> {
     }
 }
 
-/// Runs the one-pass penalty over `targets` on GPU `ordinal` with the flat `[θ*, F]`: gradients `coef`·F·(θ−θ*) written
-/// or added as each target says, and returns the value (λ/2) Σ F (θ−θ*)² as a 0-d float32 tensor
-/// on that GPU. `Ok(None)`: the kernel cannot run here (the caller falls back; `status` says why).
+/// Runs the one-pass penalty over `targets` on GPU `ordinal` with the flat `[θ*, F]`: gradients
+/// `coef`·F·(θ−θ*) written or added as each target says, and returns the value (λ/2) Σ F (θ−θ*)²
+/// as a 0-d float32 tensor on that GPU. `Ok(None)`: the kernel cannot run here (the caller falls
+/// back; `status` says why).
 ///
 /// # Safety
 /// Each target's addresses must be live memory of `ordinal` holding `len` elements of `param`
@@ -152,21 +154,18 @@ pub unsafe fn penalty(
         return Ok(Some(zero));
     }
     let value = Tensor::f_empty([], (Kind::Float, device)).ctx("cuda penalty (value)")?;
-    {
-        let sums = Tensor::f_empty([partials as i64], (Kind::Double, device))
-            .ctx("cuda penalty (partial sums)")?;
-        let bufs = kernels::Buffers {
-            star: star.data_ptr() as u64,
-            fisher: fisher.data_ptr() as u64,
-            partials: sums.data_ptr() as u64,
-            value: value.data_ptr() as u64,
-        };
-        // SAFETY: the caller's contract for the targets; `star`, `fisher`, `sums` and `value` are
-        // live tensors on this GPU, allocated on (or, for star/fisher, ready for) torch's current
-        // stream, which runs the kernels: the allocator reuses `sums` only after them.
-        unsafe { k.run(which, &launches, &bufs, coef, 0.5 * lam, stream) }
-            .map_err(EwcError::Cuda)?;
-    }
+    let sums = Tensor::f_empty([partials as i64], (Kind::Double, device))
+        .ctx("cuda penalty (partial sums)")?;
+    let bufs = kernels::Buffers {
+        star: star.data_ptr() as u64,
+        fisher: fisher.data_ptr() as u64,
+        partials: sums.data_ptr() as u64,
+        value: value.data_ptr() as u64,
+    };
+    // SAFETY: the caller's contract for the targets; `star`, `fisher`, `sums` and `value` are
+    // live tensors on this GPU, allocated on (or, for star/fisher, ready for) torch's current
+    // stream, which runs the kernels: the allocator reuses `sums` only after them.
+    unsafe { k.run(which, &launches, &bufs, coef, 0.5 * lam, stream) }.map_err(EwcError::Cuda)?;
     LAST_ORDINAL.store(ordinal, Ordering::Relaxed);
     LAST.store(RAN, Ordering::Relaxed);
     Ok(Some(value))
