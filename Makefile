@@ -50,11 +50,9 @@ LINE_PY = $(LINE_VENV)/bin/python
 LINE_STAMP = $(LINE_VENV)/.deps-$(LINE_VERSION)-$(shell cat requirements-core.txt | md5sum | cut -c1-12)
 LINE_ENV = env VIRTUAL_ENV=$(abspath $(LINE_VENV)) PATH=$(abspath $(LINE_VENV))/bin:$$PATH \
 	CARGO_TARGET_DIR=$(EWC_RS_CACHE)/target-torch$(LINE_VERSION)
-# The core tests: those that need no transformers, lightning, peft, avalanche, notebooks or demo data.
-# `make test-core` runs them on another torch line; `make test` runs every test on the default line.
-CORE_TESTS := tests/test_fisher.py tests/test_penalty_core.py tests/test_ewc.py tests/test_boundary.py \
-	tests/test_sequences.py tests/test_persistence.py tests/test_attention.py tests/test_norm_stats.py \
-	tests/test_reference.py tests/test_kfac.py tests/test_distributed.py tests/test_cuda.py
+# The core tests: those marked `core` (they need no transformers, lightning, peft, avalanche, notebooks
+# or demo data). `make test-core` runs them on another torch line; `make test` runs every test on the default line.
+CORE_TESTS := -m core tests
 
 .PHONY: gpu-prep gpu-baseline-wheels gpu-check
 .PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels patch-line
@@ -84,6 +82,7 @@ lint: setup
 	$(PY) -m ruff check python tests benchmarks build_backend scripts
 	$(PY) -m ruff format --check python tests benchmarks build_backend scripts
 	$(PY) -m mypy python/ewc_rs build_backend scripts
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
 test-rust: build

@@ -165,7 +165,7 @@ def _spawn(world: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
                 raise SystemExit(f"world size {world} did not finish in {args.timeout} s")
     except mp.ProcessExitedException:
         # gloo's teardown now and then aborts a process after its work is done (see
-        # tests/test_distributed.py); without rank 0's result the run still fails.
+        # tests/parallel/test_distributed.py); without rank 0's result the run still fails.
         if not Path(out, f"world{world}.json").exists():
             raise
     return json.loads(Path(out, f"world{world}.json").read_text())  # type: ignore[no-any-return]

@@ -5,7 +5,7 @@
 #   1. env.txt: GPU (nvidia-smi), Python, torch, the ewc_rs that imports and where from;
 #   2. installs .whl/*.whl (the ewc_rs wheel built with CPython 3.12 — abi3, so named cp39-abi3 — and BackPACK's wheels) into /tmp/ewc_site, first on
 #      PYTHONPATH, so that the wheel, not the checkout's python/ folder, is what the steps import;
-#   3. tests.log: tests/test_cuda.py, then the CUDA cases (-k cuda) of tests/test_fisher.py and tests/test_ewc.py;
+#   3. tests.log: tests/cuda/test_cuda.py, then the CUDA cases (-k cuda) of tests/fisher/test_fisher.py and tests/facade/test_ewc.py;
 #   4. bench_penalty.log: benchmarks/bench_penalty.py --device cuda, float32 then bfloat16;
 #   5. bench_fisher.log: benchmarks/bench_fisher.py --device cuda;
 #   6. summary.txt: each step's exit status and seconds; results/*.json: the benchmarks' result files.
@@ -124,15 +124,15 @@ gpu=0
 # 3. The CUDA tests (they skip, saying why, without a GPU).
 TESTS_LOG=$OUT/tests.log
 : >"$TESTS_LOG"
-if [ -f tests/test_cuda.py ]; then
-    run_step "tests/test_cuda.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-100}" \
-        "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+if [ -f tests/cuda/test_cuda.py ]; then
+    run_step "tests/cuda/test_cuda.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-100}" \
+        "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/cuda/test_cuda.py
 else
-    note "tests/test_cuda.py is missing: the CUDA kernel's own tests did not run"
+    note "tests/cuda/test_cuda.py is missing: the CUDA kernel's own tests did not run"
     [ "$gpu" = 0 ] || status=1 # without a GPU they would have skipped anyway
 fi
 run_step "CUDA cases of test_fisher.py and test_ewc.py" "$TESTS_LOG" "${GPU_CHECK_T_TESTS:-100}" \
-    "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_fisher.py tests/test_ewc.py -k cuda
+    "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/fisher/test_fisher.py tests/facade/test_ewc.py -k cuda
 
 device=cuda
 penalty_args=(--repeats 20)

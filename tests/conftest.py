@@ -1,4 +1,9 @@
-"""Shared pytest fixtures, and the tests' default data folder.
+"""Shared pytest fixtures, the helpers' folder on ``sys.path``, and the tests' default data folder.
+
+The folders mirror the package (``fisher/``, ``blocks/``, ``penalty/``, ``state/``, ``parallel/``,
+``facade/`` for ``ewc_rs.ewc``, ``cuda/``, ``integrations/``, ``demo/``) plus ``project/`` (packaging,
+torch lines, notebooks, benchmarks, the code's shape); helpers live in ``helpers/``. Tests that need
+only torch and the core requirements are marked ``core`` (``make test-core`` runs them per torch line).
 
 The library never looks for data next to a source checkout; the tests may: when ``EWC_RS_DATA``
 is unset and ``<repo>/../shared/data`` exists, it becomes the default for this test session
@@ -9,13 +14,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from real_data import ENV_VAR
+# The tests' helpers (models, float64 references, workers) are imported by name from every folder.
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+
+from real_data import ENV_VAR  # noqa: E402
 
 CHECKOUT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not os.environ.get(ENV_VAR) and CHECKOUT_DATA.is_dir():

@@ -24,9 +24,9 @@ if _problem is not None:
     raise ImportError(_problem)
 
 from . import checkpoint, cuda_kernel, distributed  # noqa: E402, F401  (README, "Many GPUs", "CUDA")
+from ._fisher.api import fisher_diag, fisher_kfac  # noqa: E402
+from ._fisher.options import KINDS  # noqa: E402
 from .ewc import EWC  # noqa: E402
-from .fisher import KINDS, fisher_diag  # noqa: E402
-from .kfac import fisher_kfac  # noqa: E402
 
 __version__: str = _core.__version__
 __all__ = ["EWC", "fisher_diag", "fisher_kfac", "KINDS", "__version__"]

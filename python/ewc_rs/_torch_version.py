@@ -5,7 +5,7 @@ libtorch, so there is one build per torch line: the root ``Cargo.toml`` is the d
 (``TORCH_VERSION``: ``make test``, ``maturin develop``, the GPU machines), and
 ``build-torch-X.Y/Cargo.toml`` (with its own ``Cargo.lock``) picks the ``tch`` release of line X.Y
 for the same ``src/``. The in-tree build backend (``build_backend/ewc_rs_backend.py``), the Makefile,
-``ewc_rs/__init__.py``'s import check and ``tests/test_packaging.py`` read this file; it imports
+``ewc_rs/__init__.py``'s import check and ``tests/project/test_packaging.py`` read this file; it imports
 nothing, so the build backend can load it without torch or ewc_rs.
 """
 

@@ -10,15 +10,17 @@ hands the result to ``EWC.load_state_dict`` (which checks it; on error nothing c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .persistence import TASKS_KEY
-from .sharding import named_parameters
+from ._parallel.sharding import named_parameters
+from .ewc import EWC
 
-if TYPE_CHECKING:
-    from .ewc import EWC
+#: The keys a checkpoint's tasks may sit under: the current format's, and version 1's (migrated on load).
+_TASKS_KEYS = ("tasks", "pairs")
 
 
 def save(ewc: EWC, checkpoint_id: str) -> None:
@@ -28,8 +30,6 @@ def save(ewc: EWC, checkpoint_id: str) -> None:
         ewc: the EWC object.
         checkpoint_id: the checkpoint's folder.
     """
-    import torch.distributed.checkpoint as dcp
-
     dcp.save(ewc.state_dict(), checkpoint_id=checkpoint_id)
 
 
@@ -48,28 +48,29 @@ def template(ewc: EWC, checkpoint_id: str) -> dict[str, Any]:
         ValueError: the checkpoint is not an EWC state, or names a parameter the model lacks or
             holds with another shape (the same on every rank: it reads the same metadata).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
     paths = metadata.planner_data or {}
-    params = dict(named_parameters(ewc._model))
+    params = dict(named_parameters(ewc.model))
     state: dict[str, Any] = {"version": 0, "lam": 0.0, "mode": "", "gamma": 0.0, "norm_stats": "", "storage_dtype": ""}
     tasks: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    tasks_key = _TASKS_KEYS[0]
     for key, meta in metadata.state_dict_metadata.items():
         path = paths.get(key, (key,))
         if not isinstance(meta, TensorStorageMetadata):
             continue
-        if len(path) != 4 or path[0] != TASKS_KEY or path[2] not in ("fisher", "star"):
+        # DCP checkpoints hold the parameter-wise parts: θ* and the diagonal F (version 1: "fisher").
+        if len(path) != 4 or path[0] not in _TASKS_KEYS or path[2] not in ("diagonal", "fisher", "star"):
             raise ValueError(f"checkpoint_id: {checkpoint_id} holds '{key}', which is not part of an EWC state")
-        t, kind, name = int(path[1]), str(path[2]), str(path[3])
+        tasks_key, t, kind, name = str(path[0]), int(path[1]), str(path[2]), str(path[3])
         p = params.get(name)
         if p is None or tuple(p.shape) != tuple(meta.size):
             has = "the model has no such parameter" if p is None else f"the model's has shape {list(p.shape)}"
             raise ValueError(f"checkpoint_id: parameter '{name}' is stored with shape {list(meta.size)}, but {has}")
-        entry = tasks.setdefault(t, {"fisher": {}, "star": {}})
-        entry[kind][name] = torch.zeros_like(p, dtype=meta.properties.dtype, requires_grad=False).detach()
-    state[TASKS_KEY] = [tasks[t] for t in sorted(tasks)]
+        entry = tasks.setdefault(t, {})
+        entry.setdefault(kind, {})[name] = torch.zeros_like(
+            p, dtype=meta.properties.dtype, requires_grad=False
+        ).detach()
+    state[tasks_key] = [tasks[t] for t in sorted(tasks)]
     return state
 
 
@@ -83,8 +84,6 @@ def load(ewc: EWC, checkpoint_id: str) -> None:
     Raises:
         ValueError: the checkpoint does not fit the model (on every rank; ``ewc`` is unchanged).
     """
-    import torch.distributed.checkpoint as dcp
-
     state = template(ewc, checkpoint_id)
     dcp.load(state, checkpoint_id=checkpoint_id)
     ewc.load_state_dict(state)

@@ -1,6 +1,6 @@
-"""The ``EWC`` class: a facade over the stored tasks (:mod:`.tasks`), the penalty plan
-(:mod:`.penalty`), the normalisation-statistics policy (:mod:`.norm_stats`), the options
-(:mod:`.options`) and the state's persistence (:mod:`.persistence`); the maths lives in Rust.
+"""The ``EWC`` class: a facade over the consolidation (``_structures``: estimation, block kinds),
+the stored tasks (``_state``), the penalty plan (``_penalty``), the normalisation-statistics
+policy and the options; the maths lives in Rust.
 
 Example::
 
@@ -15,11 +15,12 @@ Penalty P(θ) = (λ/2) Σ_i F_i (θ_i − θ*_i)², gradient λ F_i (θ_i − θ
 one fused pass in Rust; ``loss.backward()`` adds λF(θ−θ*) to each parameter's ``.grad``. A second
 derivative of the penalty raises an error.
 
-- ``mode="separate"`` (Kirkpatrick et al. 2017): one (F_t, θ*_t) record per ``consolidate``,
-  penalties summed over tasks.
+- ``mode="separate"`` (Kirkpatrick et al. 2017): one task (θ*_t and its curvature) per
+  ``consolidate``, penalties summed over tasks.
 - ``mode="online"`` (Schwarz et al. 2018): F ← γ F_old + F_new, θ* ← the latest weights.
 - ``structure="kfac"`` (Ritter et al. 2018): Kronecker factors A ⊗ G per Linear/Conv layer instead of
-  the diagonal (:mod:`.kfac`, :mod:`.kfac_penalty`, :mod:`.kfac_tasks`).
+  the diagonal; ``structure="ekfac"`` (George et al. 2018): their eigenbases with a corrected
+  diagonal. ``structure=`` only assigns layers to block kinds (``_blocks``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import options, persistence
-from .kfac_penalty import AnyPlan, build_plan, run_on_plan
-from .norm_stats import NormStatsFreezer
-from .options import ParamSelector
-from .penalty import FusedPenalty, zero_penalty
-from .structures import check_structure, snapshot
-from .tasks import TaskRecord, add_task
+from . import _options as options
+from ._fisher.options import DEFAULTS, parse_options
+from ._norm_stats import NormStatsFreezer
+from ._options import ParamSelector, check_choice, check_lam
+from ._penalty.autograd import FusedPenalty
+from ._penalty.plan import Plan, run_on_plan, zero_penalty
+from ._state import persistence
+from ._state.task import Task, add_task
+from ._structures import check_structure, consolidate
+
+__all__ = ["EWC", "ParamSelector", "check_choice", "check_lam"]
 
 
 class EWC:
@@ -51,10 +56,10 @@ class EWC:
         params: what to protect: None (all that require grad), a list of names, a regex (``re.search``
             on the name) or a predicate ``(name, parameter) -> bool``; e.g. all but a task head.
         norm_stats: ``"freeze"`` (default; after a consolidation, normalisation layers with running
-            statistics run in eval mode) or ``"update"`` (they follow ``model.train()``): :mod:`.norm_stats`.
-        storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for F (A, G) and θ*: half the memory,
-            each stored value off by up to 2⁻⁸ (≈0.4%) of its magnitude (measured in ``tests/test_ewc.py``).
-        structure: ``"diag"`` (default) or ``"kfac"``: Kronecker-factored layers (:mod:`.kfac_penalty`).
+            statistics run in eval mode) or ``"update"`` (they follow ``model.train()``).
+        storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for the curvature and θ*: half the memory,
+            each value off by up to 2⁻⁸ (≈0.4%) of its magnitude (``tests/facade/test_ewc.py``).
+        structure: ``"diag"`` (default), ``"kfac"`` (Kronecker factors) or ``"ekfac"`` (eigenvalue-corrected).
     """
 
     def __init__(
@@ -79,8 +84,8 @@ class EWC:
         self._selector = options.make_selector(params)
         self.structure = check_structure(structure, model, self._selector)  # "kfac": says which layers stay diagonal
         self._model = model
-        self._tasks: list[TaskRecord] = []  # oldest first; at most one in online mode
-        self._cached_plan: Optional[AnyPlan] = None
+        self._tasks: list[Task] = []  # oldest first; at most one in online mode
+        self._cached_plan: Optional[Plan] = None
         self._norm_stats = NormStatsFreezer(model, policy, stacklevel=2)  # warns at our caller
 
     @property
@@ -88,21 +93,30 @@ class EWC:
         """The normalisation-statistics policy, ``"freeze"`` or ``"update"``."""
         return self._norm_stats.policy
 
-    def consolidate(self, loader: Iterable[Any], *, kind: str = "exact", **fisher_options: Any) -> dict[str, Any]:
-        """Estimates F on ``loader`` for the current weights and stores (F, θ*).
+    @property
+    def model(self) -> nn.Module:
+        """The model given at construction (the one ``penalty()`` reads by default)."""
+        return self._model
+
+    def consolidate(self, loader: Iterable[Any], *, kind: str = DEFAULTS.kind, **fisher_options: Any) -> dict[str, Any]:
+        """Estimates the curvature on ``loader`` for the current weights and stores it with θ*.
 
         Args:
             loader: iterable of ``(inputs, targets)`` batches of the task just learned.
             kind: Fisher kind (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
-            **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, group, ...).
+            **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, progress, group, ...), every structure.
 
         Returns:
-            The new Fisher as estimated: ``{name: F}``; ``{"kron": {layer: (A, G)}, "diag": {name: F}}`` for kfac.
+            The estimate: ``{name: F}``; kfac ``{"kron": {layer: (A, G)}, "diag": ...}``, ekfac ``{"ekfac": ...}``.
+
+        Raises:
+            TypeError, ValueError: an unknown option; as :func:`ewc_rs.fisher_diag` (nothing is stored then).
         """
+        opts = parse_options(kind, **fisher_options, where="consolidate")
         keep = options.selected_parameters(self._model, self._selector)
-        new, est = snapshot(self._model, keep, loader, self.structure, self.storage_dtype, kind=kind, **fisher_options)
-        online = self.mode == "online"
-        self._tasks, self._cached_plan = add_task(self._tasks, new, online=online, gamma=self.gamma), None
+        new, est = consolidate(self._model, keep, loader, self.structure, self.storage_dtype, opts)
+        self._tasks = add_task(self._tasks, new, online=self.mode == "online", gamma=self.gamma)
+        self._cached_plan = None
         self._norm_stats.install()
         return est
 
@@ -158,11 +172,11 @@ class EWC:
         with torch.no_grad():
             return run_on_plan(functools.partial(self._plan, model), lambda p: p.add_to_grads(self.lam, scale))[1]
 
-    def _plan(self, model: nn.Module, fresh: bool = False) -> AnyPlan:
+    def _plan(self, model: nn.Module, fresh: bool = False) -> Plan:
         """The cached plan, rebuilt when asked, or when the state, the parameter objects or their placement change."""
         plan = self._cached_plan
         if fresh or plan is None or not plan.matches(model):
-            plan = self._cached_plan = build_plan(model, self._tasks, self.storage_dtype)
+            plan = self._cached_plan = Plan.build(model, self._tasks, self.storage_dtype)
         return plan
 
     def release_norm_stats(self) -> None:
@@ -170,24 +184,14 @@ class EWC:
         self._norm_stats.release()
 
     def to(self, *args: Any, **kwargs: Any) -> EWC:
-        """Moves the stored F and θ* ahead of time (the penalty follows ``model.to(...)`` on its own).
-
-        Args:
-            *args, **kwargs: a device, as for ``Tensor.to`` (a dtype is ignored: F, θ* keep ``storage_dtype``).
-
-        Returns:
-            This ``EWC`` object.
-        """
+        """Moves the stored curvature and θ* to a device given as for ``Tensor.to`` (a dtype is ignored),
+        ahead of time (the penalty follows ``model.to(...)`` on its own); returns this ``EWC``."""
         device = torch.empty(0).to(*args, **kwargs).device
         self._tasks, self._cached_plan = [task.to(device) for task in self._tasks], None
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """Config and stored tasks, all needed to restore this object (format: :mod:`ewc_rs.persistence`).
-
-        Returns:
-            A dict of plain Python values and tensors (``torch.save``-able).
-        """
+        """Config and stored tasks (``torch.save``-able; format: ``ewc_rs._state.persistence``)."""
         return persistence.to_state_dict(self._state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,7 +201,7 @@ class EWC:
             state: a dict from :meth:`state_dict` (possibly through ``torch.save``/``torch.load``).
 
         Raises:
-            ValueError: a malformed state (:func:`ewc_rs.persistence.from_state_dict`), or a stored
+            ValueError: a malformed state (``ewc_rs._state.persistence.from_state_dict``), or a stored
                 parameter that the model lacks or holds with another shape.
         """
         loaded = persistence.from_state_dict(state, self._model)
@@ -209,11 +213,7 @@ class EWC:
             self._norm_stats.install()
 
     def save(self, path: str) -> None:
-        """Writes the state to a safetensors file.
-
-        Args:
-            path: file to write (FSDP2: every rank calls this; rank 0 writes the gathered F and θ*).
-        """
+        """Writes the state to a safetensors file ``path`` (FSDP2: every rank calls this; rank 0 writes)."""
         persistence.write_file(self._state(), path)
 
     @classmethod
@@ -234,8 +234,8 @@ class EWC:
         return ewc.to(next(model.parameters()).device) if list(model.parameters()) else ewc
 
     def _state(self) -> persistence.EWCState:
-        config = (self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype)
-        return persistence.EWCState(*config, tasks=list(self._tasks), structure=self.structure)
+        config = (self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype, list(self._tasks))
+        return persistence.EWCState(*config, structure=self.structure)
 
     def __repr__(self) -> str:
         config = f"lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}"

@@ -58,7 +58,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..ewc import EWC
+from ewc_rs import EWC
+
 from .models import permuted_mlp
 from .train import TensorLoader, accuracy, load_data, subset, train_task
 

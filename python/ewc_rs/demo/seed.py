@@ -48,7 +48,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..ewc import EWC
+from ewc_rs import EWC
+
 from .models import seed_model
 from .train import TensorLoader, accuracy, load_data, subset, train_task
 
@@ -137,7 +138,7 @@ def run_seed(
         progress="task A (MNIST)" if progress else False,
     )
     after_a = accuracy(model_a, xa_test, ya_test)
-    snapshot = {k: v.clone() for k, v in model_a.state_dict().items()}
+    weights_a = {k: v.clone() for k, v in model_a.state_dict().items()}
     say(f"task A trained in {time.perf_counter() - t0:.1f} s: MNIST test accuracy {after_a:.4f}")
 
     results: dict[str, dict[str, float]] = {}
@@ -151,7 +152,7 @@ def run_seed(
     for row in ROWS:
         t0 = time.perf_counter()
         model = seed_model(seed).to(device)  # a fresh module: no hooks left by another row's EWC
-        model.load_state_dict(snapshot)
+        model.load_state_dict(weights_a)
         fisher_loader = TensorLoader(xa, ya, bs, shuffle=True, seed=seed + 2)
         penalty, freeze_norm = None, False
         if row == "no_ewc":

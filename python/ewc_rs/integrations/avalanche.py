@@ -27,9 +27,8 @@ from avalanche.training.plugins import SupervisedPlugin  # type: ignore[import-u
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import KINDS, options
-from ..ewc import EWC
-from ..options import ParamSelector
+from ewc_rs import KINDS
+from ewc_rs.ewc import EWC, ParamSelector, check_choice, check_lam
 
 __all__ = ["EWCPlugin", "ExperienceBatches"]
 
@@ -64,8 +63,8 @@ class EWCPlugin(SupervisedPlugin):  # type: ignore[misc]
         **ewc_options: Any,
     ) -> None:
         super().__init__()
-        self.lam = options.check_lam(lam)
-        self.kind = options.check_choice("kind", kind, KINDS)
+        self.lam = check_lam(lam)
+        self.kind = check_choice("kind", kind, KINDS)
         for_ewc: dict[str, Any] = {
             key: ewc_options.pop(key) for key in ("norm_stats", "storage_dtype") if key in ewc_options
         }

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from .. import KINDS, options
-from ..ewc import EWC
+from ewc_rs import KINDS
+from ewc_rs.ewc import EWC, check_choice
 
 __all__ = ["EWCCallback"]
 
@@ -63,7 +63,7 @@ class EWCCallback(Callback):
         if not isinstance(ewc, EWC):
             raise TypeError(f"ewc: expected an ewc_rs.EWC, got {type(ewc).__name__}")
         self.ewc = ewc
-        self.kind = options.check_choice("kind", kind, KINDS)
+        self.kind = check_choice("kind", kind, KINDS)
         self.consolidate_on_train_end = consolidate_on_train_end
         self.loader = loader
         self.log_name = log_name

@@ -31,7 +31,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from .. import options
+from ewc_rs.ewc import check_lam
 
 __all__ = ["lora_delta_penalty", "lora_layers"]
 
@@ -63,7 +63,7 @@ def lora_delta_penalty(
         ValueError: no LoRA layer; a LoRA layer's base weight missing from ``fisher`` or of another
             shape; a merged adapter; a LoRA variant (DoRA, ...) or ``lora_bias``, whose merge is not W0 + ΔW.
     """
-    lam = options.check_lam(lam)
+    lam = check_lam(lam)
     total: Optional[Tensor] = None
     for name, layer in lora_layers(model):
         chosen = _adapters(name, layer, adapters)

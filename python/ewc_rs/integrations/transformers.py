@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 from torch import Tensor, nn
 from transformers import Trainer
 
-from ..ewc import EWC
+from ewc_rs.ewc import EWC
 
 __all__ = ["EWCTrainer", "LabelSplit"]
 

@@ -1,0 +1,1 @@
+"""The penalty plan (a list of terms, one per block kind) and its autograd glue."""

@@ -1,0 +1,116 @@
+"""``structure=``: the policy that assigns the protected layers to block kinds, and the
+consolidation that estimates their curvature and makes the task to store.
+
+``"diag"``: every parameter diagonal. ``"kfac"``: Kronecker factors where the layer has a
+Kronecker form (Linear, Conv1d/Conv2d with groups=1, transformers' Conv1D), diagonal elsewhere.
+``"ekfac"``: eigenvalue-corrected Kronecker factors on the same layers, diagonal elsewhere. The
+table lives beside the block kinds (``_blocks.registry.STRUCTURES``); a block kind for layers
+builds itself from the estimation's factors (``from_factors``), with a second estimation pass
+when it needs one (``rerun``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ._blocks.base import LayerBlock
+from ._blocks.diagonal import Diagonal
+from ._blocks.layers import kfac_form, param_name
+from ._blocks.registry import STRUCTURES, block_kind
+from ._fisher.api import estimate
+from ._fisher.options import FisherOptions
+from ._options import check_choice
+from ._state.task import Task
+
+
+def check_structure(structure: Any, model: nn.Module, selector: Callable[[str, nn.Parameter], bool]) -> str:
+    """``structure`` checked; for one with layer blocks, says once which protected layers stay diagonal.
+
+    Args:
+        structure: a name of :data:`STRUCTURES`.
+        model: the model to protect.
+        selector: the ``params=`` predicate.
+
+    Returns:
+        The structure.
+
+    Raises:
+        ValueError: another value.
+    """
+    structure = check_choice("structure", structure, tuple(STRUCTURES))
+    if STRUCTURES[structure] != Diagonal.kind:
+        _warn_diagonal_layers(structure, model, selector)
+    return structure
+
+
+def _warn_diagonal_layers(structure: str, model: nn.Module, selector: Callable[[str, nn.Parameter], bool]) -> None:
+    """Says once (``warnings.warn``) which layers with protected parameters have no Kronecker form
+    and get the diagonal Fisher."""
+    plain = []
+    for name, module in model.named_modules():
+        own = [(k, p) for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if any(selector(param_name(name, k), p) for k, p in own) and kfac_form(module) is None:
+            plain.append(f"{type(module).__name__} '{name}'")
+    if plain:
+        warnings.warn(
+            f"structure={structure!r}: these layers have no Kronecker-factored form (Linear, Conv1d/Conv2d with "
+            f"groups=1, transformers' Conv1D) and get the diagonal Fisher: {', '.join(plain)}",
+            stacklevel=4,  # the caller of EWC(...)
+        )
+
+
+def consolidate(
+    model: nn.Module,
+    chosen: Mapping[str, nn.Parameter],
+    loader: Iterable[Any],
+    structure: str,
+    storage_dtype: torch.dtype,
+    options: FisherOptions,
+) -> tuple[Task, dict[str, Any]]:
+    """Estimates the task's curvature in the given structure and copies θ* (both detached).
+
+    Args:
+        model: the model just trained.
+        chosen: the protected parameters by name.
+        loader: the task's ``(inputs, targets)`` batches (iterated twice by a kind that needs a
+            second pass: a re-iterable loader, not an iterator).
+        structure: a name of :data:`STRUCTURES`.
+        storage_dtype: dtype of the stored curvature and θ*.
+        options: checked Fisher options.
+
+    Returns:
+        ``(task, estimate)``: the task to store, and the estimate as returned by
+        ``EWC.consolidate`` (protected parameters only): ``{name: F}`` for ``"diag"``, else
+        ``{"diag": {name: F}, <layer kind's key>: {layer: factors}}``.
+    """
+    layer_kind = block_kind(STRUCTURES[structure])
+    if not issubclass(layer_kind, LayerBlock):
+        full = estimate(model, loader, options).diag
+        fisher = {n: full[n].detach() for n in chosen}
+        task = Task(_star(chosen, storage_dtype), (Diagonal(fisher).cast(storage_dtype),))
+        return task, fisher
+    if layer_kind.second_pass and iter(loader) is loader:  # type: ignore[call-overload]
+        raise ValueError(
+            f"loader: structure={structure!r} estimates in two passes over the data, so the loader must be "
+            "re-iterable (a DataLoader or a list of batches), not an iterator or generator"
+        )
+    result = estimate(model, loader, options, kronecker=True, chosen=set(chosen))
+
+    def rerun(shadow: nn.Module) -> dict[str, torch.Tensor]:
+        return estimate(shadow, loader, options).diag
+
+    factors = {m: (a.detach(), g.detach()) for m, (a, g) in result.kron.items()}
+    with_bias = frozenset(s.module for s in result.sites if s.bias is not None)
+    layers = layer_kind.from_factors(model, factors, with_bias, rerun)
+    diag = {n: f.detach() for n, f in result.diag.items() if n in chosen}
+    blocks = tuple(b.cast(storage_dtype) for b in (Diagonal(diag), layers) if b.params)
+    return Task(_star(chosen, storage_dtype), blocks), {"diag": diag, **layers.estimate()}
+
+
+def _star(chosen: Mapping[str, nn.Parameter], storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to(storage_dtype, copy=True) for n, p in chosen.items()}
