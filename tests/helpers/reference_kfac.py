@@ -8,6 +8,10 @@ position): rows ã = the layer input per position (a Conv2d's unfolded patch, ``
 G = (1/N) Σ_n Σ_c w_nc Σ_t g_nct g_nctᵀ with w = p(c|x_n) (``exact``) or the data's label
 (``empirical``). Other parameters: the diagonal Fisher, per-sample gradients squared.
 
+EKFAC (George et al. 2018): in given eigenbases (Q_A, Q_G) per layer, S = (1/N) Σ_n Σ_c w_nc
+(Q_Gᵀ M_nc Q_A)² with M_nc = Σ_t g_nct ã_ntᵀ the per-sample gradient of W̃ (rotate, square, average),
+and its penalty ½λ Σ S ⊙ (Q_Gᵀ ΔW̃ Q_A)².
+
 Also the Kronecker penalty with the full matrix materialised (``torch.kron``), and the
 Frobenius-nearest Kronecker product of a sum of two, from a full SVD of the rearranged matrix.
 """
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["kron_penalty", "nearest_kronecker", "reference_kfac", "weight_matrix"]
+__all__ = ["ekfac_penalty", "kron_penalty", "nearest_kronecker", "reference_ekfac", "reference_kfac", "weight_matrix"]
 
 
 def _rows(module: nn.Module, inp: Tensor) -> Tensor:
@@ -120,3 +124,62 @@ def nearest_kronecker(terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, T
     x = (u[:, 0] * s[0].sqrt()).reshape(n, n)
     y = (vh[0] * s[0].sqrt()).reshape(k, k)
     return x, y
+
+
+def reference_ekfac(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    bases: dict[str, tuple[Tensor, Tensor]],
+    kind: str = "exact",
+    without_bias: frozenset[str] = frozenset(),
+) -> dict[str, Tensor]:
+    """S per layer of ``bases`` ({module: (Q_A, Q_G)}), float64, one sample and class at a time.
+
+    Args:
+        model: a classifier returning logits ``[N, C]`` (Linear/Conv2d layers in ``bases``).
+        batches: ``(x, y)`` pairs.
+        bases: the eigenbases to rotate into.
+        kind: ``"exact"`` or ``"empirical"``.
+        without_bias: layers whose bias is not part of W̃ (left out of the protected set).
+
+    Returns:
+        ``{module: S}``, S ``[out, in(+1)]``.
+    """
+    m = copy.deepcopy(model).cpu().double().eval()
+    layers = {n: mod for n, mod in m.named_modules() if n in bases}
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = [
+        mod.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, (args[0], out)))
+        for n, mod in layers.items()
+    ]
+    q = {n: (qa.double(), qg.double()) for n, (qa, qg) in bases.items()}
+    total: dict[str, Any] = dict.fromkeys(layers, 0.0)
+    count = 0
+    try:
+        for x, y in batches:
+            for i in range(len(x)):
+                seen.clear()
+                logp = F.log_softmax(m(x[i : i + 1].double()), -1)[0]
+                outs = [seen[n][1] for n in layers]
+                rows = {n: _rows(mod, seen[n][0].detach()) for n, mod in layers.items()}
+                rows = {n: r[:, :-1] if n in without_bias else r for n, r in rows.items()}
+                weights = logp.exp().detach() if kind == "exact" else F.one_hot(y[i], logp.shape[0]).double()
+                for c in range(logp.shape[0]):
+                    if weights[c] == 0:
+                        continue
+                    grads = torch.autograd.grad(logp[c], outs, retain_graph=True)
+                    for (n, mod), g in zip(layers.items(), grads):
+                        per_sample = _grad_rows(mod, g).T @ rows[n]  # Σ_t g_t ã_tᵀ, [out, in(+1)]
+                        qa, qg = q[n]
+                        total[n] = total[n] + weights[c] * (qg.T @ per_sample @ qa).square()
+                count += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: t / count for n, t in total.items()}
+
+
+def ekfac_penalty(delta: Tensor, qa: Tensor, qg: Tensor, s: Tensor, lam: float) -> Tensor:
+    """½λ Σ S ⊙ (Q_Gᵀ ΔW̃ Q_A)² in float64 (differentiable in ``delta``)."""
+    rotated = qg.double().T @ delta.double() @ qa.double()
+    return 0.5 * lam * (s.double() * rotated.square()).sum()

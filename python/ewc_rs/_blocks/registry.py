@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from .base import Block
 from .diagonal import Diagonal
+from .ekfac import Ekfac
 from .kronecker import Kronecker
 
 #: Every block kind, by its name (registry order is the order of a plan's terms).
-BLOCK_KINDS: dict[str, type[Block]] = {kind.kind: kind for kind in (Diagonal, Kronecker)}
+BLOCK_KINDS: dict[str, type[Block]] = {kind.kind: kind for kind in (Diagonal, Kronecker, Ekfac)}
 
 #: ``structure=`` → the block kind of the layers that have a Kronecker form.
-STRUCTURES: dict[str, str] = {"diag": Diagonal.kind, "kfac": Kronecker.kind}
+STRUCTURES: dict[str, str] = {"diag": Diagonal.kind, "kfac": Kronecker.kind, "ekfac": Ekfac.kind}
 
 
 def block_kind(name: str) -> type[Block]:

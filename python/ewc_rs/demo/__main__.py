@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help="comma-separated methods, e.g. none,ewc_exact,kfac (default: none, l2, ewc_exact, ewc_empirical, "
-        "ewc_mc, ewc_batched; also kfac, kfac_online)",
+        "ewc_mc, ewc_batched; also kfac, kfac_online, ekfac, ekfac_online)",
     )
     return parser
 

@@ -25,6 +25,12 @@ Methods (keys of ``OUT/permuted.json``'s ``"permuted"``):
     one folded pair per layer (``kfac_online``, γ = 1). λ = 3 for both, from the same validation
     sweep (its Kronecker penalty couples the weights of a layer, and is larger than the diagonal's
     for the same λ).
+``ekfac``, ``ekfac_online`` (not in the default run; ``--methods``)
+    Eigenvalue-corrected KFAC (George et al. 2018): ``EWC(model, λ, structure="ekfac")``, the
+    eigenbases of the same (A, G) with the corrected diagonal S from a second pass over the same
+    2000 images (a fixed subset: a reshuffling loader would give the second pass other images),
+    per task (``ekfac``) or folded (``ekfac_online``, γ = 1). λ = 3 as for KFAC (its S has the
+    scale of the Kronecker eigenvalues; not swept on its own).
 ``ewc_batched``
     The seed article's estimator (square of each batch-mean gradient, ≈ 1/batch_size of the
     Fisher), from up to 300 batches of 100 (all 80 batches here), λ = 3e4 (the sweep's best lies,
@@ -76,10 +82,11 @@ __all__ = [
 
 METHODS = ("none", "l2", "ewc_exact", "ewc_empirical", "ewc_mc", "ewc_batched")
 #: Every method ``run_method`` knows; ``METHODS`` is the default run.
-ALL_METHODS = (*METHODS, "kfac", "kfac_online")
+ALL_METHODS = (*METHODS, "kfac", "kfac_online", "ekfac", "ekfac_online")
 
 KFAC_LAM = 3.0
 KFAC_ONLINE_LAM = 3.0
+EKFAC_LAM = 3.0
 PERMUTED_CONFIG: dict[str, Any] = {
     "tasks": 5,
     "train_samples": None,  # all
@@ -95,6 +102,8 @@ PERMUTED_CONFIG: dict[str, Any] = {
         "ewc_batched": 3e4,
         "kfac": KFAC_LAM,
         "kfac_online": KFAC_ONLINE_LAM,
+        "ekfac": EKFAC_LAM,
+        "ekfac_online": EKFAC_LAM,
     },
     "fisher_samples": 2000,
     "fisher_samples_batched": 30000,  # 300 batches of 100, capped by the data
@@ -175,8 +184,9 @@ def run_method(
         reg = L2Anchor(model, lam)
     elif method.startswith("ewc_"):
         reg = EWC(model, lam, mode="separate")
-    elif method.startswith("kfac"):
-        reg = EWC(model, lam, mode="online" if method == "kfac_online" else "separate", structure="kfac")
+    elif method.startswith(("kfac", "ekfac")):
+        structure = method.split("_")[0]
+        reg = EWC(model, lam, mode="online" if method.endswith("_online") else "separate", structure=structure)
     gen = torch.Generator().manual_seed(seed + 7)
     matrix: list[list[float]] = []
     for t, (xtr, ytr, _, _) in enumerate(tasks):
@@ -193,9 +203,13 @@ def run_method(
         if t + 1 < len(tasks):  # consolidate the task just learned (not needed after the last)
             if method == "l2":
                 reg.consolidate()
-            elif method.startswith(("ewc_", "kfac")):
+            elif method.startswith(("ewc_", "kfac", "ekfac")):
                 kind = method[len("ewc_") :] if method.startswith("ewc_") else "exact"
                 fisher_loader = TensorLoader(xtr, ytr, cfg["batch_size"], shuffle=True, seed=seed * 100 + 50 + t)
+                if method.startswith("ekfac"):  # two passes: the same images in both
+                    pick = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed * 100 + 50 + t))
+                    pick = pick[: cfg["fisher_samples"]].to(xtr.device)
+                    fisher_loader = TensorLoader(xtr[pick], ytr[pick], cfg["batch_size"])
                 if kind == "batched":
                     reg.consolidate(
                         fisher_loader, kind="batched", num_samples=min(cfg["fisher_samples_batched"], len(xtr))
