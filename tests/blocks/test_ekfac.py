@@ -14,7 +14,7 @@ from torch import nn
 
 from ewc_rs import EWC, fisher_kfac
 from models import make_batches
-from reference_kfac import ekfac_penalty, reference_ekfac, weight_matrix
+from reference_kfac import ekfac_penalty, reference_ekfac
 
 pytestmark = [pytest.mark.core, pytest.mark.usefixtures("one_thread")]
 
@@ -52,7 +52,7 @@ def test_corrected_diagonal_equals_the_float64_reference(name: str, kind: str, s
     est = _ewc(model, lam=1.0, structure="ekfac").consolidate(batches, kind=kind)
     kron = fisher_kfac(model, batches, kind=kind)["kron"]
     assert set(est["ekfac"]) == set(kron) == set(layers(model)), f"seed={seed}"
-    for m, (qa, qg, s) in est["ekfac"].items():
+    for m, (qa, qg, _) in est["ekfac"].items():
         a, g = kron[m]
         for q, f in ((qa, a), (qg, g)):  # orthonormal eigenvectors of the KFAC factor
             eye = torch.eye(q.shape[0], dtype=torch.float64)
