@@ -112,7 +112,7 @@ class KronPlan:
         *,
         transposed: Sequence[bool],
         has_bias: Sequence[bool],
-        groups: Sequence[tuple[Sequence[int], torch.Tensor, torch.Tensor, torch.Tensor]],
+        stacks: Sequence[tuple[Sequence[int], torch.Tensor, torch.Tensor, torch.Tensor]],
     ) -> KronPlan: ...
     def evaluate(
         self, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], lam: float

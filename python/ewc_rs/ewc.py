@@ -122,7 +122,7 @@ class EWC:
 
     @property
     def num_tasks(self) -> int:
-        """Number of stored (F, θ*) records (always ≤ 1 in online mode)."""
+        """Number of stored tasks (always ≤ 1 in online mode)."""
         return len(self._tasks)
 
     def penalty(self, model: Optional[nn.Module] = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 //! into) and `KronPlan` (the Kronecker-factored penalty, one call per step).
 
 use crate::kfac::factors;
-use crate::kfac::penalty::{self, KronGroup, KronLayout};
+use crate::kfac::penalty::{self, KronLayout, KronStack};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -47,20 +47,20 @@ impl KfacSums {
 /// Args (keyword-only):
 ///     transposed: per layer, whether its weight is stored [in, out] (transformers' Conv1D).
 ///     has_bias: per layer, whether a bias column is appended to W̃.
-///     groups: `(layers, star, a, g)` per shape: the layer index of each of the k terms, W̃*
+///     stacks: `(layers, star, a, g)` per shape: the layer index of each of the k terms, W̃*
 ///         [k, out, in(+1)], A [k, in(+1), in(+1)], G [k, out, out] (float32).
 #[pyclass(module = "ewc_rs._core", frozen)]
 pub struct KronPlan {
     plan: Mutex<penalty::KronPlan>,
 }
 
-type GroupArg = (Vec<usize>, PyTensor, PyTensor, PyTensor);
+type StackArg = (Vec<usize>, PyTensor, PyTensor, PyTensor);
 
 #[pymethods]
 impl KronPlan {
     #[new]
-    #[pyo3(signature = (*, transposed, has_bias, groups))]
-    fn new(transposed: Vec<bool>, has_bias: Vec<bool>, groups: Vec<GroupArg>) -> PyResult<Self> {
+    #[pyo3(signature = (*, transposed, has_bias, stacks))]
+    fn new(transposed: Vec<bool>, has_bias: Vec<bool>, stacks: Vec<StackArg>) -> PyResult<Self> {
         if transposed.len() != has_bias.len() {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "transposed, has_bias: expected one entry per layer in each, got {} and {}",
@@ -73,9 +73,9 @@ impl KronPlan {
             .zip(has_bias)
             .map(|(transposed, bias)| KronLayout { transposed, bias })
             .collect();
-        let groups = groups
+        let stacks = stacks
             .into_iter()
-            .map(|(layers, star, a, g)| KronGroup {
+            .map(|(layers, star, a, g)| KronStack {
                 layers,
                 star: star.0,
                 a: a.0,
@@ -83,7 +83,7 @@ impl KronPlan {
             })
             .collect();
         Ok(Self {
-            plan: Mutex::new(penalty::KronPlan::new(layouts, groups)?),
+            plan: Mutex::new(penalty::KronPlan::new(layouts, stacks)?),
         })
     }
 

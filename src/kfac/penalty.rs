@@ -2,9 +2,9 @@
 //! ΔW̃ = W̃ − W̃* (weight and bias in matrix form `[out, in(+1)]`), and its gradient λ G ΔW̃ A
 //! mapped back to the weight's and the bias's shapes.
 //!
-//! A term is one (layer, task) pair. Terms whose matrices have one shape form a group, stacked
+//! A term is one (layer, task) pair. Terms whose matrices have one shape form a stack, built
 //! once when the plan is built (θ*, A and G as `[k, ...]` tensors), so a step is two batched
-//! matrix products per group whatever the number of layers and tasks.
+//! matrix products per stack whatever the number of layers and tasks.
 
 use crate::error::{value_err, Context, Result};
 use tch::{Kind, Tensor};
@@ -20,17 +20,17 @@ pub struct KronLayout {
 
 /// Terms of one matrix shape: `layers[j]` is the layer of term j; `star` `[k, out, in']`,
 /// `a` `[k, in', in']`, `g` `[k, out, out]`, float32 on the layers' device.
-pub struct KronGroup {
+pub struct KronStack {
     pub layers: Vec<usize>,
     pub star: Tensor,
     pub a: Tensor,
     pub g: Tensor,
 }
 
-/// Every term of the penalty, grouped by shape.
+/// Every term of the penalty, stacked by shape.
 pub struct KronPlan {
     pub layouts: Vec<KronLayout>,
-    pub groups: Vec<KronGroup>,
+    pub stacks: Vec<KronStack>,
 }
 
 /// The penalty's value (0-d float32) and its gradient per layer, in each parameter's shape and
@@ -41,7 +41,7 @@ pub struct KronPenalty {
     pub bias_grads: Vec<Option<Tensor>>,
 }
 
-impl KronGroup {
+impl KronStack {
     fn check(&self, i: usize, layers: usize) -> Result<()> {
         let k = self.layers.len() as i64;
         let (s, a, g) = (self.star.size(), self.a.size(), self.g.size());
@@ -54,13 +54,13 @@ impl KronGroup {
                 .all(|t| t.kind() == Kind::Float);
         if !ok {
             return value_err(format!(
-                "groups[{i}]: expected float32 star [k, out, in], a [k, in, in], g [k, out, out] \
+                "stacks[{i}]: expected float32 star [k, out, in], a [k, in, in], g [k, out, out] \
                  with k = {k} layers, got star {s:?}, a {a:?}, g {g:?}"
             ));
         }
         if let Some(l) = self.layers.iter().find(|&&l| l >= layers) {
             return value_err(format!(
-                "groups[{i}]: layer index {l} is out of range ({layers} layers)"
+                "stacks[{i}]: layer index {l} is out of range ({layers} layers)"
             ));
         }
         Ok(())
@@ -68,11 +68,11 @@ impl KronGroup {
 }
 
 impl KronPlan {
-    pub fn new(layouts: Vec<KronLayout>, groups: Vec<KronGroup>) -> Result<Self> {
-        for (i, g) in groups.iter().enumerate() {
+    pub fn new(layouts: Vec<KronLayout>, stacks: Vec<KronStack>) -> Result<Self> {
+        for (i, g) in stacks.iter().enumerate() {
             g.check(i, layouts.len())?;
         }
-        Ok(Self { layouts, groups })
+        Ok(Self { layouts, stacks })
     }
 
     /// W̃ `[out, in(+1)]` of each layer, float32, detached.
@@ -122,17 +122,17 @@ impl KronPlan {
         let mats = self.matrices(weights, biases)?;
         let mut grads: Vec<Option<Tensor>> = mats.iter().map(|_| None).collect();
         let mut value: Option<Tensor> = None;
-        for (i, group) in self.groups.iter().enumerate() {
-            let stacked: Vec<&Tensor> = group.layers.iter().map(|&l| &mats[l]).collect();
+        for (i, stack) in self.stacks.iter().enumerate() {
+            let stacked: Vec<&Tensor> = stack.layers.iter().map(|&l| &mats[l]).collect();
             let delta = Tensor::f_stack(&stacked, 0)
-                .and_then(|d| d.f_sub(&group.star))
+                .and_then(|d| d.f_sub(&stack.star))
                 .ctx("KFAC penalty (weight change)")?;
-            let r = group
+            let r = stack
                 .g
                 .f_bmm(&delta)
-                .and_then(|t| t.f_bmm(&group.a))
+                .and_then(|t| t.f_bmm(&stack.a))
                 .map_err(|e| {
-                    crate::error::EwcError::Torch(format!("KFAC penalty (group {i}: G ΔW A)"), e)
+                    crate::error::EwcError::Torch(format!("KFAC penalty (stack {i}: G ΔW A)"), e)
                 })?;
             let part = (&delta * &r).sum(Kind::Float);
             value = Some(match value {
@@ -142,7 +142,7 @@ impl KronPlan {
                 }
                 None => part,
             });
-            for (j, &l) in group.layers.iter().enumerate() {
+            for (j, &l) in stack.layers.iter().enumerate() {
                 let t = r.get(j as i64) * lam;
                 grads[l] = Some(match grads[l].take() {
                     Some(acc) => acc + t,
@@ -203,7 +203,7 @@ mod tests {
             .map(|_| (Tensor::randn([out, inp + 1], OPTS), spd(inp + 1), spd(out)))
             .collect();
         let f32 = |t: &Tensor| t.to_kind(Kind::Float);
-        let group = KronGroup {
+        let stack = KronStack {
             layers: vec![0, 0],
             star: Tensor::stack(&tasks.iter().map(|t| f32(&t.0)).collect::<Vec<_>>(), 0),
             a: Tensor::stack(&tasks.iter().map(|t| f32(&t.1)).collect::<Vec<_>>(), 0),
@@ -213,7 +213,7 @@ mod tests {
             transposed: false,
             bias: true,
         };
-        let plan = KronPlan::new(vec![layout], vec![group]).unwrap();
+        let plan = KronPlan::new(vec![layout], vec![stack]).unwrap();
         let lam = 0.7;
         let got = plan.evaluate(&[f32(&w)], &[Some(f32(&b))], lam).unwrap();
         let wt = Tensor::cat(&[w.shallow_clone(), b.reshape([out, 1])], 1).set_requires_grad(true);
@@ -235,9 +235,9 @@ mod tests {
     }
 
     #[test]
-    fn a_group_of_inconsistent_shapes_is_refused() {
+    fn a_stack_of_inconsistent_shapes_is_refused() {
         let t = |s: &[i64]| Tensor::zeros(s, (Kind::Float, Device::Cpu));
-        let group = KronGroup {
+        let stack = KronStack {
             layers: vec![0],
             star: t(&[1, 2, 3]),
             a: t(&[1, 2, 2]),
@@ -247,7 +247,7 @@ mod tests {
             transposed: false,
             bias: false,
         };
-        let err = KronPlan::new(vec![layout], vec![group]).err().unwrap();
-        assert!(err.to_string().contains("groups[0]"), "{err}");
+        let err = KronPlan::new(vec![layout], vec![stack]).err().unwrap();
+        assert!(err.to_string().contains("stacks[0]"), "{err}");
     }
 }

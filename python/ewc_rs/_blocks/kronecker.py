@@ -229,7 +229,7 @@ class KroneckerTerm:
         kron = _core.KronPlan(
             transposed=[bool(f[2]) for f in forms if f is not None],
             has_bias=[b is not None for b in biases],
-            groups=[_stacked(terms) for terms in stacks.values()],
+            stacks=[_stacked(terms) for terms in stacks.values()],
         )
         return cls(kron, weights, biases)
 
