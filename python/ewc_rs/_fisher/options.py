@@ -1,8 +1,9 @@
-"""The options of one Fisher estimation: one type (:class:`FisherOptions`) whose field defaults are
-the only place every default stands (``fisher_diag``, ``fisher_kfac`` and ``EWC.consolidate`` read
-them from :data:`DEFAULTS`), checked once (:func:`parse_options`); and what is derived from them per
-batch: the model's outputs read as the likelihood needs them (``prepare``), the native root
-specification (``_core.RootSpec``) and the ``mc`` draws."""
+"""The options of one Fisher estimation, one type for every entry, and what each batch derives from them.
+
+:class:`FisherOptions`' field defaults are the only place every default stands (``fisher_diag``,
+``fisher_kfac`` and ``EWC.consolidate`` read them from :data:`DEFAULTS`), checked once
+(:func:`parse_options`). Per batch: the model's outputs read as the likelihood needs them
+(``prepare``), the native root specification (``_core.RootSpec``) and the ``mc`` draws."""
 
 from __future__ import annotations
 
