@@ -11,5 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_readme_layout_section_is_generated_from_the_code() -> None:
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "layout.py"), "--check"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "layout.py"), "--check"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
