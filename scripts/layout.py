@@ -72,8 +72,8 @@ def section() -> str:
         folder = path.name == "__init__.py" and path.parent != package
         out.append(_row(f"{name}{'/' if folder else ''}", python_doc(path)))
     tests = ROOT / "tests"
-    for folder in sorted(p for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        for path in sorted(folder.glob("*.py")):
+    for sub in sorted(p for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        for path in sorted(sub.glob("*.py")):
             out.append(_row(str(path.relative_to(ROOT)), python_doc(path)))
     out.append("```")
     return "\n".join(out) + "\n"
