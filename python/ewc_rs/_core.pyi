@@ -105,7 +105,7 @@ class KfacSums:
 
 @final
 class KronPlan:
-    """The Kronecker-factored penalty's terms, stacked by shape."""
+    """The Kronecker-factored penalty's (layer, task) pairs, stacked by shape."""
 
     def __new__(
         cls,

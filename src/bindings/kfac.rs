@@ -42,12 +42,12 @@ impl KfacSums {
     }
 }
 
-/// The Kronecker-factored penalty's terms, stacked by shape once (see `crate::kfac::penalty`).
+/// The Kronecker-factored penalty's (layer, task) pairs, stacked by shape once (see `crate::kfac::penalty`).
 ///
 /// Args (keyword-only):
 ///     transposed: per layer, whether its weight is stored [in, out] (transformers' Conv1D).
 ///     has_bias: per layer, whether a bias column is appended to W̃.
-///     stacks: `(layers, star, a, g)` per shape: the layer index of each of the k terms, W̃*
+///     stacks: `(layers, star, a, g)` per shape: the layer index of each of the k pairs, W̃*
 ///         [k, out, in(+1)], A [k, in(+1), in(+1)], G [k, out, out] (float32).
 #[pyclass(module = "ewc_rs._core", frozen)]
 pub struct KronPlan {

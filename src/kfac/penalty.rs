@@ -1,8 +1,8 @@
-//! The Kronecker-factored penalty: P = ½λ Σ_terms tr(ΔW̃ᵀ G ΔW̃ A) = ½λ Σ ⟨ΔW̃, G ΔW̃ A⟩_F with
+//! The Kronecker-factored penalty: P = ½λ Σ_pairs tr(ΔW̃ᵀ G ΔW̃ A) = ½λ Σ ⟨ΔW̃, G ΔW̃ A⟩_F with
 //! ΔW̃ = W̃ − W̃* (weight and bias in matrix form `[out, in(+1)]`), and its gradient λ G ΔW̃ A
 //! mapped back to the weight's and the bias's shapes.
 //!
-//! A term is one (layer, task) pair. Terms whose matrices have one shape form a stack, built
+//! A pair is one (layer, task). Pairs whose matrices have one shape form a stack, built
 //! once when the plan is built (θ*, A and G as `[k, ...]` tensors), so a step is two batched
 //! matrix products per stack whatever the number of layers and tasks.
 
@@ -18,7 +18,7 @@ pub struct KronLayout {
     pub bias: bool,
 }
 
-/// Terms of one matrix shape: `layers[j]` is the layer of term j; `star` `[k, out, in']`,
+/// Pairs of one matrix shape: `layers[j]` is the layer of pair j; `star` `[k, out, in']`,
 /// `a` `[k, in', in']`, `g` `[k, out, out]`, float32 on the layers' device.
 pub struct KronStack {
     pub layers: Vec<usize>,
@@ -27,7 +27,7 @@ pub struct KronStack {
     pub g: Tensor,
 }
 
-/// Every term of the penalty, stacked by shape.
+/// Every (layer, task) pair of the penalty, stacked by shape.
 pub struct KronPlan {
     pub layouts: Vec<KronLayout>,
     pub stacks: Vec<KronStack>,
