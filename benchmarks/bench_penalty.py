@@ -278,7 +278,8 @@ def run_model(name: str, device: str, repeats: int, dtype: torch.dtype = torch.f
         with toggle():
             ewc.penalty(model).backward()
 
-    groups = ewc._plan(model).groups  # type: ignore[union-attr]  (a diagonal plan: PenaltyPlan)
+    (term,) = ewc._plan(model).terms  # a diagonal plan: one DiagonalTerm
+    groups = term.buckets  # type: ignore[attr-defined]
     outs = [torch.empty(g.star.numel(), dtype=g.dtype, device=g.device) for g in groups]
 
     def kernel() -> list[torch.Tensor]:
