@@ -1,4 +1,4 @@
-"""The decomposed ``nn.MultiheadAttention`` of the Fisher engine (``ewc_rs/attention.py``).
+"""The decomposed ``nn.MultiheadAttention`` of the Fisher engine (``ewc_rs/_fisher/attention.py``).
 
 Every variant must match the float64 per-sample reference; the variants the decomposition covers
 must also really run through the rules (their parameters not in the fallback), and the others
