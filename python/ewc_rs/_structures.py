@@ -25,6 +25,7 @@ from ._blocks.registry import STRUCTURES, block_kind
 from ._fisher.api import estimate
 from ._fisher.options import FisherOptions
 from ._options import check_choice
+from ._parallel import sharding
 from ._state.task import Task
 
 
@@ -106,7 +107,7 @@ def consolidate(
 
     factors = {m: (a.detach(), g.detach()) for m, (a, g) in result.kron.items()}
     with_bias = frozenset(s.module for s in result.sites if s.bias is not None)
-    layers = layer_kind.from_factors(model, factors, with_bias, rerun)
+    layers = layer_kind.from_factors(sharding.unwrap(model), factors, with_bias, rerun)  # DDP: the inner names
     diag = {n: f.detach() for n, f in result.diag.items() if n in chosen}
     blocks = tuple(b.cast(storage_dtype) for b in (Diagonal(diag), layers) if b.params)
     return Task(_star(chosen, storage_dtype), blocks), {"diag": diag, **layers.estimate()}
