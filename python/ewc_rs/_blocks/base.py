@@ -144,6 +144,44 @@ class Block(ABC):
         return self
 
 
+class LayerTerm(ABC):
+    """What the penalty terms of the layer kinds share: the layers' weights and biases as their
+    parameters, the placement check, and ``evaluate``/``add_to_grads`` around one ``_run`` that
+    returns the value and fresh gradient tensors (weights, then the biases that are in W̃)."""
+
+    weights: list[torch.Tensor]
+    biases: list[Optional[torch.Tensor]]
+
+    def __post_init__(self) -> None:
+        self.params: list[torch.Tensor] = [*self.weights, *(b for b in self.biases if b is not None)]
+        self.placement = [(p.device, p.dtype) for p in self.params]
+
+    @property
+    def needs_placement_check(self) -> bool:
+        return True
+
+    def placement_holds(self) -> bool:
+        return all((p.device, p.dtype) == pl for p, pl in zip(self.params, self.placement))
+
+    @abstractmethod
+    def _run(self, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The term's value and its gradient per parameter (new tensors, in ``params`` order)."""
+
+    def evaluate(self, lam: float, *, reuse: bool = True) -> Evaluation:
+        value, grads = self._run(lam)
+        return Evaluation(value, list(grads), list(grads))
+
+    def add_to_grads(self, lam: float, scale: float) -> torch.Tensor:
+        value, grads = self._run(lam)
+        for p, g in zip(self.params, grads):
+            if not p.requires_grad:
+                continue
+            if scale != 1.0:
+                g.mul_(scale)
+            add_grad(p, g)
+        return value
+
+
 def add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     """``param.grad`` becomes ``grad`` when absent, else ``grad`` is added to it (the one place the
     library writes ``.grad``; FSDP2 shards: :func:`ewc_rs._parallel.sharding.add_local_grads`)."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .._parallel import sharding
-from .base import Block, Entry, Evaluation, LayerBlock, Rerun, add_grad, check_factor
+from .base import Block, Entry, LayerBlock, LayerTerm, Rerun, check_factor
 from .layers import kfac_form, layer_misfit, matrix, param_name
 
 #: Q_A ``[in(+1), in(+1)]``, Q_G ``[out, out]``, S ``[out, in(+1)]``.
@@ -248,7 +248,7 @@ def _corrected_diagonal(
 
 
 @dataclass
-class EkfacTerm:
+class EkfacTerm(LayerTerm):
     """The EKFAC blocks of every task: the layers' weights and biases, and the stacked pairs."""
 
     weights: list[torch.Tensor]
@@ -256,12 +256,6 @@ class EkfacTerm:
     transposed: list[bool]
     #: Per stack: layer indices [k], W̃* [k, out, a], Q_A [k, a, a], Q_G [k, out, out], S [k, out, a].
     stacks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    params: list[torch.Tensor] = field(init=False)
-    placement: list[tuple[torch.device, torch.dtype]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.params = [*self.weights, *(b for b in self.biases if b is not None)]
-        self.placement = [(p.device, p.dtype) for p in self.params]
 
     @classmethod
     def build(cls, model: nn.Module, named: Mapping[str, nn.Parameter], entries: Sequence[Entry]) -> EkfacTerm:
@@ -298,13 +292,6 @@ class EkfacTerm:
             stacked.append((index, target, qa, qg, s))
         return cls(weights, biases, [bool(f[2]) for f in forms if f is not None], stacked)  # type: ignore[arg-type]
 
-    @property
-    def needs_placement_check(self) -> bool:
-        return True
-
-    def placement_holds(self) -> bool:
-        return all((p.device, p.dtype) == pl for p, pl in zip(self.params, self.placement))
-
     def _run(self, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with torch.no_grad():
             current = [matrix(w, b, t) for w, b, t in zip(self.weights, self.biases, self.transposed)]
@@ -324,17 +311,3 @@ class EkfacTerm:
                 grads.append((inner.T if t else inner.reshape(w.shape)).to(w.dtype).contiguous())
             bias_grads = [total[:, -1].to(b.dtype) for total, b in zip(totals, self.biases) if b is not None]
         return value, [*grads, *bias_grads]
-
-    def evaluate(self, lam: float, *, reuse: bool = True) -> Evaluation:
-        value, grads = self._run(lam)
-        return Evaluation(value, list(grads), list(grads))
-
-    def add_to_grads(self, lam: float, scale: float) -> torch.Tensor:
-        value, grads = self._run(lam)
-        for p, g in zip(self.params, grads):
-            if not p.requires_grad:
-                continue
-            if scale != 1.0:
-                g.mul_(scale)
-            add_grad(p, g)
-        return value

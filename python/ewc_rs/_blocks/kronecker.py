@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import _core
 from .._parallel import sharding
-from .base import Block, Entry, Evaluation, LayerBlock, Rerun, add_grad, check_factor
+from .base import Block, Entry, LayerBlock, LayerTerm, Rerun, check_factor
 from .layers import kfac_form, layer_misfit, matrix, param_name
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -174,18 +174,12 @@ def _stacked(
 
 
 @dataclass
-class KroneckerTerm:
+class KroneckerTerm(LayerTerm):
     """The Kronecker blocks of every task: the layers' weights and biases, and the stacked pairs."""
 
     kron: _core.KronPlan
     weights: list[torch.Tensor]
     biases: list[Optional[torch.Tensor]]
-    params: list[torch.Tensor] = field(init=False)
-    placement: list[tuple[torch.device, torch.dtype]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.params = [*self.weights, *(b for b in self.biases if b is not None)]
-        self.placement = [(p.device, p.dtype) for p in self.params]
 
     @classmethod
     def build(cls, model: nn.Module, named: Mapping[str, nn.Parameter], entries: Sequence[Entry]) -> KroneckerTerm:
@@ -233,27 +227,6 @@ class KroneckerTerm:
         )
         return cls(kron, weights, biases)
 
-    @property
-    def needs_placement_check(self) -> bool:
-        return True
-
-    def placement_holds(self) -> bool:
-        return all((p.device, p.dtype) == pl for p, pl in zip(self.params, self.placement))
-
     def _run(self, lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
         value, wg, bg = self.kron.evaluate(self.weights, self.biases, lam)
         return value, [*wg, *(g for g in bg if g is not None)]
-
-    def evaluate(self, lam: float, *, reuse: bool = True) -> Evaluation:
-        value, grads = self._run(lam)
-        return Evaluation(value, list(grads), list(grads))
-
-    def add_to_grads(self, lam: float, scale: float) -> torch.Tensor:
-        value, grads = self._run(lam)
-        for p, g in zip(self.params, grads):
-            if not p.requires_grad:
-                continue
-            if scale != 1.0:
-                g.mul_(scale)
-            add_grad(p, g)
-        return value
