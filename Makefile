@@ -82,7 +82,7 @@ lint: setup
 	$(PY) -m ruff check python tests benchmarks build_backend scripts
 	$(PY) -m ruff format --check python tests benchmarks build_backend scripts
 	$(PY) -m mypy python/ewc_rs build_backend scripts
-	$(VENV)/bin/lint-imports --no-cache --no-logo
+	PYTHONPATH=python $(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
 
 test-rust: build

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,8 @@ IN, OUT = 4, 3
 #: 5 rows: uneven FSDP2 shards at world sizes 2 (3 + 2) and 3 (2 + 2 + 1).
 HIDDEN = 5
 PG_TIMEOUT_S = 60
+#: The Fisher kinds of ``kfac_job`` (``mc`` draws per rank, so its factors are not the union's).
+KFAC_KINDS = ("exact", "empirical")
 
 
 def make_model(seed: int, hidden: int = HIDDEN) -> nn.Sequential:
@@ -117,6 +120,14 @@ def _training_step(model: nn.Module, ewc: Any, seed: int, rank: int, device: tor
     loss = F.cross_entropy(model(xb.to(device)), yb.to(device)) + ewc.penalty(model)
     loss.backward()
     return _grads(model)
+
+
+def _kfac_cpu(estimate: dict[str, Any]) -> dict[str, Any]:
+    """A ``fisher_kfac`` (or kfac ``consolidate``) result on CPU: ``{"kron": {layer: (A, G)}, "diag": {name: F}}``."""
+    return {
+        "kron": {m: (a.detach().cpu(), g.detach().cpu()) for m, (a, g) in estimate["kron"].items()},
+        "diag": {n: _full(f) for n, f in estimate["diag"].items()},
+    }
 
 
 def _penalty_checks(model: nn.Module, ewc: Any) -> dict[str, Any]:
@@ -255,6 +266,54 @@ def load_job(rank: int, world: int, seed: int, out: Path, device: torch.device) 
     return result
 
 
+def kfac_job(rank: int, world: int, seed: int, out: Path, device: torch.device) -> dict[str, Any]:
+    """Kronecker-factored Fisher under data parallelism (uneven shards, last rank empty at world 3):
+    ``fisher_kfac`` of each kind under DDP (default group), with ``group=`` and on the bare model
+    (default group), over a subgroup; a rank failing mid-estimation, then a good estimation; ``EWC(structure="kfac")``
+    consolidated under DDP, its penalty and gradients at the perturbed weights."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ewc_rs import EWC, distributed, fisher_kfac
+
+    model = make_model(seed).to(device)
+    ddp = DistributedDataParallel(model)
+    loader = rank_batches(seed, rank, world, empty_last=world == 3)
+    result: dict[str, Any] = {}
+    for kind in KFAC_KINDS:
+        distributed.reset_counter()
+        result[f"ddp_{kind}"] = _kfac_cpu(fisher_kfac(ddp, loader, kind=kind))
+        result[f"ddp_{kind}_comm"] = distributed.comm_stats()
+        distributed.reset_counter()
+        result[f"group_{kind}"] = _kfac_cpu(fisher_kfac(model, loader, kind=kind, group=dist.group.WORLD))
+        result[f"group_{kind}_comm"] = distributed.comm_stats()
+    result["bare_exact"] = _kfac_cpu(fisher_kfac(model, loader))  # no DDP, no group=: the default group
+    if world == 3:  # ranks 0 and 1 hold every sample (rank 2 is empty): their factors are the union's
+        sub = dist.new_group([0, 1])
+        if rank < 2:
+            result["subgroup_exact"] = _kfac_cpu(fisher_kfac(model, loader, group=sub))
+    # Rank 1's second batch has labels out of range: it raises its own error after a good batch,
+    # the others learn of it from the final all-reduce instead of waiting; then all estimate again.
+    bad: list[Any] = list(loader)
+    if rank == 1:
+        bad[1] = (bad[1][0], bad[1][1] + OUT)
+    try:
+        fisher_kfac(model, bad, kind="empirical")  # exact reads no labels
+        result["failure"] = ""
+    except ValueError as e:
+        result["failure"] = str(e)
+    result["after_failure"] = _kfac_cpu(fisher_kfac(model, loader, kind="empirical"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="structure='kfac'", category=UserWarning)  # LayerNorm: diagonal
+        ewc = EWC(ddp, lam=LAM, structure="kfac")
+    distributed.reset_counter()
+    result["consolidated"] = _kfac_cpu(ewc.consolidate(loader))
+    result["consolidate_comm"] = distributed.comm_stats()
+    _perturb(model, seed)
+    result.update(_penalty_checks(ddp, ewc))
+    return result
+
+
 def mismatch_job(rank: int, world: int, seed: int, out: Path, device: torch.device) -> dict[str, Any]:
     """Rank 1 holds a wider model: ``fisher_diag`` must raise on every rank."""
     from ewc_rs import fisher_diag
@@ -281,6 +340,7 @@ JOBS: dict[str, Callable[[int, int, int, Path, torch.device], dict[str, Any]]] =
     "ddp": ddp_job,
     "fsdp": fsdp_job,
     "load": load_job,
+    "kfac": kfac_job,
     "mismatch": mismatch_job,
 }
 

@@ -24,6 +24,7 @@ import distributed_workers as w
 import ewc_rs
 from ewc_rs import EWC
 from reference import naive_penalty, reference_fisher, relative_error
+from reference_kfac import kron_penalty, reference_kfac, weight_matrix
 
 pytestmark = [
     pytest.mark.core,
@@ -122,6 +123,71 @@ def fisher_bytes(fisher: dict[str, torch.Tensor]) -> int:
     return 4 * (sum(f.numel() for f in fisher.values()) + 3)
 
 
+def ref_kfac(seed: int, kind: str) -> dict[str, Any]:
+    """The single-process ``fisher_kfac`` on the union of the ranks' samples (one batch)."""
+    x, y = w.make_data(seed)
+    return ewc_rs.fisher_kfac(w.make_model(seed), [(x, y)], kind=kind)
+
+
+def ref_kfac_penalty(seed: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """A single-process ``EWC(structure="kfac")`` consolidated on the union: penalty value and
+    gradient at the perturbed weights."""
+    x, y = w.make_data(seed)
+    model = w.make_model(seed)
+    with pytest.warns(UserWarning, match="LayerNorm"):  # the LayerNorm stays diagonal
+        ewc = EWC(model, lam=w.LAM, structure="kfac")
+    ewc.consolidate([(x, y)])
+    noise = w.perturbation(seed, model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(noise[n])
+    value = ewc.penalty(model)
+    value.backward()
+    return float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def ref_kfac_penalty_float64(seed: int, factors: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
+    """½λ Σ_layers vec(ΔW̃)ᵀ (A ⊗ G) vec(ΔW̃) (materialised) + the diagonal rest, in float64 with
+    ``reference_kfac``'s factors, and its gradient, at the perturbed weights."""
+    model = w.make_model(seed).double()
+    layers = {m: model.get_submodule(m) for m in factors["kron"]}
+    star_w = {m: weight_matrix(mod) for m, mod in layers.items()}
+    star = {n: p.detach().clone() for n, p in model.named_parameters()}
+    noise = w.perturbation(seed, model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(noise[n].double())
+    value = naive_penalty(model, {n: star[n] for n in factors["diag"]}, factors["diag"], w.LAM).double()
+    for m, (a, g) in factors["kron"].items():
+        mod = layers[m]
+        cur = torch.cat([mod.weight.reshape(mod.weight.shape[0], -1), mod.bias[:, None]], 1)
+        value = value + kron_penalty(cur - star_w[m], a, g, w.LAM)
+    value.backward()
+    return float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def kfac_fisher_bytes(model: torch.nn.Module, factors: dict[str, Any]) -> int:
+    """One float32 all-reduce: the diagonal sums of every parameter, A and G of every layer, and the
+    counts (2 floats each: samples, whether the rank saw data, input rows and the site vote per
+    layer) with the failure flag."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_factors = sum(a.numel() + g.numel() for a, g in factors["kron"].values())
+    return 4 * (n_params + n_factors + 1 + 2 * (2 + 2 * len(factors["kron"])))
+
+
+def check_kfac(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    """Every factor (each on its own) and the diagonal rest within ``TOL`` relative error."""
+    assert set(got["kron"]) == set(want["kron"]), f"{what}: layers {sorted(got['kron'])} vs {sorted(want['kron'])}"
+    assert set(got["diag"]) == set(want["diag"]), f"{what}: diagonal {sorted(got['diag'])} vs {sorted(want['diag'])}"
+    for m, (a, g) in want["kron"].items():
+        for factor, x, ref in (("A", got["kron"][m][0], a), ("G", got["kron"][m][1], g)):
+            assert x.dtype == torch.float32 and x.shape == ref.shape, f"{what}: {factor} of '{m}' {x.dtype} {x.shape}"
+            err = relative_error({factor: x}, {factor: ref})
+            assert err < TOL, f"{what}: {factor} of layer '{m}' off by {err:.2e}"
+    err = relative_error(got["diag"], want["diag"])
+    assert err < TOL, f"{what}: diagonal part off by {err:.2e}"
+
+
 def check_penalty(res: dict[str, Any], rank: int, pen: float, grads: dict[str, torch.Tensor], what: str) -> None:
     assert abs(res["penalty"] - pen) <= TOL * abs(pen), f"{what}: rank {rank} penalty {res['penalty']} vs {pen}"
     assert abs(res["backward_value"] - pen) <= TOL * abs(pen), f"{what}: rank {rank} EWC.backward value"
@@ -208,6 +274,51 @@ def test_fsdp2_sharded_fisher_penalty_and_resharded_checkpoints(tmp_path: Path, 
             step = ref_step_grads(seed, world, fisher)
             err = relative_error(res["step_grads"], step)
             assert err < TOL, f"{what}: rank {r} training-step gradient off by {err:.2e}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_and_group_kfac_equal_the_single_process_factors_on_the_union(
+    tmp_path: Path, seed: int, world: int
+) -> None:
+    """Under DDP, ``group=`` (also a subgroup) and the default group, every rank's A, G and diagonal
+    rest are the single process's on the union (uneven shards, last rank empty at world 3), in one
+    all-reduce; so are the penalty and gradients of ``EWC(structure="kfac")`` consolidated under
+    DDP. A rank whose labels are out of range mid-estimation makes every rank raise, no hang."""
+    results = spawn("kfac", world, tmp_path, seed)
+    what = f"KFAC world {world} (seed={seed}{', last rank empty' if world == 3 else ''})"
+    single = {kind: ref_kfac(seed, kind) for kind in w.KFAC_KINDS}
+    x, y = w.make_data(seed)
+    for kind in w.KFAC_KINDS:  # the single-process factors themselves: against the float64 reference
+        check_kfac(single[kind], reference_kfac(w.make_model(seed), [(x, y)], kind), f"single process {kind}")
+    pen, grads = ref_kfac_penalty(seed)
+    pen64, grads64 = ref_kfac_penalty_float64(seed, reference_kfac(w.make_model(seed), [(x, y)], "exact"))
+    assert abs(pen - pen64) <= TOL * abs(pen64), f"single-process kfac penalty {pen} vs float64 {pen64} (seed={seed})"
+    err = relative_error(grads, grads64)
+    assert err < TOL, f"single-process kfac penalty gradient off the float64 one by {err:.2e} (seed={seed})"
+    want_bytes = kfac_fisher_bytes(w.make_model(seed), single["exact"])
+    for r, res in enumerate(results):
+        at = f"{what}, rank {r}"
+        for kind in w.KFAC_KINDS:
+            for how in ("ddp", "group"):
+                check_kfac(res[f"{how}_{kind}"], single[kind], f"{at}, {how} {kind}")
+                comm = res[f"{how}_{kind}_comm"]
+                assert comm["calls"] == {"model_check": 1, "fisher_all_reduce": 1}, f"{at}, {how} {kind}: {comm}"
+                assert comm["bytes"]["fisher_all_reduce"] == want_bytes, f"{at}, {how} {kind}: {comm}"
+        check_kfac(res["bare_exact"], single["exact"], f"{at}, bare model under the default group")
+        if world == 3 and r < 2:
+            check_kfac(res["subgroup_exact"], single["exact"], f"{at}, group=new_group([0, 1])")
+        check_kfac(res["consolidated"], single["exact"], f"{at}, EWC(structure='kfac').consolidate under DDP")
+        comm = res["consolidate_comm"]
+        assert comm["calls"] == {"model_check": 1, "fisher_all_reduce": 1}, f"{at}, consolidate: {comm}"
+        check_penalty(res, r, pen, grads, f"{what}, EWC(structure='kfac') under DDP")
+        assert res["penalty_comm"]["total_calls"] == 0, f"{at}: replicated penalty needs no collective"
+        assert res["backward_comm"]["total_calls"] == 0, f"{at}: replicated penalty needs no collective"
+        msg = res["failure"]
+        if r == 1:
+            assert "labels must lie in" in msg, f"{at}: rank 1 raises its own error: {msg!r}"
+        else:
+            assert "failed on 1 other rank" in msg, f"{at}: learns of rank 1's failure: {msg!r}"
+        check_kfac(res["after_failure"], single["empirical"], f"{at}, the estimation after the failed one")
 
 
 def test_different_models_or_a_failing_rank_raise_on_every_rank(tmp_path: Path, seed: int) -> None:
