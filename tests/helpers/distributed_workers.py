@@ -270,7 +270,8 @@ def kfac_job(rank: int, world: int, seed: int, out: Path, device: torch.device) 
     """Kronecker-factored Fisher under data parallelism (uneven shards, last rank empty at world 3):
     ``fisher_kfac`` of each kind under DDP (default group), with ``group=`` and on the bare model
     (default group), over a subgroup; a rank failing mid-estimation, then a good estimation; ``EWC(structure="kfac")``
-    consolidated under DDP, its penalty and gradients at the perturbed weights."""
+    consolidated under DDP, its penalty and gradients at the perturbed weights; the same for
+    ``structure="ekfac"`` (two passes over the shards)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -311,6 +312,17 @@ def kfac_job(rank: int, world: int, seed: int, out: Path, device: torch.device) 
     result["consolidate_comm"] = distributed.comm_stats()
     _perturb(model, seed)
     result.update(_penalty_checks(ddp, ewc))
+    # EKFAC under DDP: both passes (factors, then the corrected diagonal) over the ranks' shards.
+    ek_model = make_model(seed).to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="structure='ekfac'", category=UserWarning)
+        ekfac = EWC(DistributedDataParallel(ek_model), lam=LAM, structure="ekfac")
+    ekfac.consolidate(loader)
+    _perturb(ek_model, seed)
+    value = ekfac.penalty(ek_model)
+    value.backward()
+    result["ekfac_penalty"] = float(value.detach())
+    result["ekfac_grads"] = _grads(ek_model)
     return result
 
 

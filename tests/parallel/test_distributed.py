@@ -129,13 +129,13 @@ def ref_kfac(seed: int, kind: str) -> dict[str, Any]:
     return ewc_rs.fisher_kfac(w.make_model(seed), [(x, y)], kind=kind)
 
 
-def ref_kfac_penalty(seed: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """A single-process ``EWC(structure="kfac")`` consolidated on the union: penalty value and
-    gradient at the perturbed weights."""
+def ref_kfac_penalty(seed: int, structure: str = "kfac") -> tuple[float, dict[str, torch.Tensor]]:
+    """A single-process ``EWC(structure=...)`` ("kfac" or "ekfac") consolidated on the union:
+    penalty value and gradient at the perturbed weights."""
     x, y = w.make_data(seed)
     model = w.make_model(seed)
     with pytest.warns(UserWarning, match="LayerNorm"):  # the LayerNorm stays diagonal
-        ewc = EWC(model, lam=w.LAM, structure="kfac")
+        ewc = EWC(model, lam=w.LAM, structure=structure)
     ewc.consolidate([(x, y)])
     noise = w.perturbation(seed, model)
     with torch.no_grad():
@@ -283,7 +283,8 @@ def test_ddp_and_group_kfac_equal_the_single_process_factors_on_the_union(
     """Under DDP, ``group=`` (also a subgroup) and the default group, every rank's A, G and diagonal
     rest are the single process's on the union (uneven shards, last rank empty at world 3), in one
     all-reduce; so are the penalty and gradients of ``EWC(structure="kfac")`` consolidated under
-    DDP. A rank whose labels are out of range mid-estimation makes every rank raise, no hang."""
+    DDP, and of ``EWC(structure="ekfac")`` (both of its passes over the shards). A rank whose labels
+    are out of range mid-estimation makes every rank raise, no hang."""
     results = spawn("kfac", world, tmp_path, seed)
     what = f"KFAC world {world} (seed={seed}{', last rank empty' if world == 3 else ''})"
     single = {kind: ref_kfac(seed, kind) for kind in w.KFAC_KINDS}
@@ -296,6 +297,7 @@ def test_ddp_and_group_kfac_equal_the_single_process_factors_on_the_union(
     err = relative_error(grads, grads64)
     assert err < TOL, f"single-process kfac penalty gradient off the float64 one by {err:.2e} (seed={seed})"
     want_bytes = kfac_fisher_bytes(w.make_model(seed), single["exact"])
+    ek_pen, ek_grads = ref_kfac_penalty(seed, "ekfac")
     for r, res in enumerate(results):
         at = f"{what}, rank {r}"
         for kind in w.KFAC_KINDS:
@@ -319,6 +321,10 @@ def test_ddp_and_group_kfac_equal_the_single_process_factors_on_the_union(
         else:
             assert "failed on 1 other rank" in msg, f"{at}: learns of rank 1's failure: {msg!r}"
         check_kfac(res["after_failure"], single["empirical"], f"{at}, the estimation after the failed one")
+        got = res["ekfac_penalty"]
+        assert abs(got - ek_pen) <= TOL * abs(ek_pen), f"{at}: EKFAC penalty {got} vs single process {ek_pen}"
+        err = relative_error(res["ekfac_grads"], ek_grads)
+        assert err < 1e-3, f"{at}: EKFAC penalty gradient off the single process's by {err:.2e}"
 
 
 def test_different_models_or_a_failing_rank_raise_on_every_rank(tmp_path: Path, seed: int) -> None:
