@@ -119,7 +119,7 @@ def _measure(model: torch.nn.Module, loader: list, args: argparse.Namespace) -> 
         "penalty_step_s": penalty_s,
         "fisher_comm": fisher_comm,
         "penalty_comm": penalty_comm,
-        "fisher_bytes_target": 4 * (numel + 3),
+        "fisher_bytes_target": 4 * (numel + 7),  # F, 3 counts of 2 floats, the failure flag
     }
 
 

@@ -26,7 +26,23 @@ if _problem is not None:
 from . import checkpoint, cuda_kernel, distributed  # noqa: E402, F401  (README, "Many GPUs", "CUDA")
 from ._fisher.api import fisher_diag, fisher_kfac  # noqa: E402
 from ._fisher.options import KINDS  # noqa: E402
+from ._state.fisher_dict import FisherDict  # noqa: E402
+from ._state.fisher_file import load_fisher, save_fisher  # noqa: E402
+from ._state.fisher_stats import FisherSummary, fisher_summary  # noqa: E402
 from .ewc import EWC  # noqa: E402
+from .merging import fisher_merge  # noqa: E402
 
 __version__: str = _core.__version__
-__all__ = ["EWC", "fisher_diag", "fisher_kfac", "KINDS", "__version__"]
+__all__ = [
+    "EWC",
+    "FisherDict",
+    "FisherSummary",
+    "KINDS",
+    "fisher_diag",
+    "fisher_kfac",
+    "fisher_merge",
+    "fisher_summary",
+    "load_fisher",
+    "save_fisher",
+    "__version__",
+]

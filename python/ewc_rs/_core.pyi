@@ -5,6 +5,8 @@ import os
 from collections.abc import Sequence
 from typing import Optional, final
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -20,6 +22,8 @@ __all__ = [
     "layer_rule",
     "penalty",
     "penalty_add_to_grads",
+    "merge",
+    "fisher_summary",
     "cuda_kernel_status",
     "cuda_kernel_set_enabled",
     "cuda_set_nvrtc_dir",
@@ -139,6 +143,27 @@ def penalty_add_to_grads(
     """Adds ``scale``·λF(θ−θ*) into the parameters' ``.grad`` in place (CPU, CUDA); returns the penalty
     and ``(index, gradient)`` for each parameter whose ``.grad`` was absent or not writable in
     place, for the caller to install or add."""
+
+def merge(
+    thetas: Sequence[torch.Tensor],
+    fishers: Optional[Sequence[torch.Tensor]],
+    weights: Sequence[float],
+    eps: float,
+) -> torch.Tensor:
+    """Σ w (F + eps) θ / Σ w (F + eps) over the tensors (the weighted average without Fishers, or
+    where every w (F + eps) is 0), shaped, typed and placed like ``thetas[0]``."""
+
+def fisher_summary(
+    tensors: Sequence[torch.Tensor], levels: Sequence[float], edges: Sequence[float]
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+]:
+    """Per tensor: count, sum, max, quantiles at ``levels`` (T × L) and the histogram over ``edges``
+    (T × (len(edges) + 1)), as numpy arrays owned by Python."""
 
 def cuda_kernel_status() -> str:
     """What the last CUDA penalty ran ("unused", "kernel ...", "fallback ...: reason")."""

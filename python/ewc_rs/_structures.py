@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from ._blocks.base import LayerBlock
+from ._blocks.base import LayerBlock, check_factor
 from ._blocks.diagonal import Diagonal
+from ._blocks.kronecker import Kronecker
 from ._blocks.layers import kfac_form, param_name
 from ._blocks.registry import STRUCTURES, block_kind
 from ._fisher.api import estimate
 from ._fisher.options import FisherOptions
 from ._options import check_choice
 from ._parallel import sharding
+from ._state.fisher_dict import checked as _checked
 from ._state.task import Task
 
 
@@ -115,3 +117,83 @@ def consolidate(
 
 def _star(chosen: Mapping[str, nn.Parameter], storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {n: p.detach().to(storage_dtype, copy=True) for n, p in chosen.items()}
+
+
+def task_from_fisher(
+    model: nn.Module,
+    chosen: Mapping[str, nn.Parameter],
+    fisher: Mapping[str, Any],
+    theta_star: Optional[Mapping[str, torch.Tensor]],
+    structure: str,
+    storage_dtype: torch.dtype,
+) -> Task:
+    """The task of a precomputed Fisher: diagonal blocks from ``{name: F}`` (any structure), or, for
+    ``structure="kfac"``, ``fisher_kfac``'s ``{"kron": {layer: (A, G)}, "diag": {name: F}}``.
+
+    Args:
+        model: the model (its parameters give the shapes and devices).
+        chosen: the protected parameters by name (a Fisher for others is ignored).
+        fisher: the Fisher, as above.
+        theta_star: θ* by name (default: the current weights).
+        structure: the ``EWC``'s structure.
+        storage_dtype: dtype of the stored F and θ*.
+
+    Returns:
+        The task to store.
+
+    Raises:
+        ValueError: a protected parameter without a Fisher or θ*, or with one of another shape;
+            a Fisher that is negative or not finite; Kronecker factors for another structure, or
+            that do not fit their layer.
+    """
+    model = sharding.unwrap(model)
+    if not isinstance(fisher, Mapping):
+        raise ValueError(f"fisher: expected a mapping of parameter names to F, got {type(fisher).__name__}")
+    layered = set(fisher) == {"kron", "diag"} and all(isinstance(v, Mapping) for v in fisher.values())
+    if layered and STRUCTURES[structure] != Kronecker.kind:
+        raise ValueError(f"fisher: Kronecker factors need structure='kfac', this EWC has structure={structure!r}")
+    plain = fisher["diag"] if layered else fisher
+    diag = _checked(plain) if plain or not layered else {}  # every layer may be Kronecker
+    blocks: list[Any] = []
+    covered: set[str] = set()
+    if layered:
+        factors, with_bias = {}, set()
+        for m, pair in fisher["kron"].items():
+            if param_name(m, "weight") not in chosen:
+                continue
+            a, g = (check_factor(f"layer '{m}'", f"factor {w}", t).float() for w, t in zip("AG", pair))
+            form = kfac_form(model.get_submodule(m)) if m in dict(model.named_modules()) else None
+            if form is not None and a.shape[0] == form[0] + 1 and param_name(m, "bias") in chosen:
+                with_bias.add(m)
+            factors[m] = (a, g)
+        block = Kronecker(factors, frozenset(with_bias))
+        why = block.misfit(model, dict(model.named_parameters()))
+        if why is not None:
+            raise ValueError(f"fisher: {why}")
+        blocks.append(block)
+        covered = block.params
+    rest = {n: p for n, p in chosen.items() if n not in covered}
+    missing = sorted(set(rest) - set(diag))
+    if missing:
+        raise ValueError(f"fisher: no Fisher for the protected parameter '{missing[0]}' (select it out with params=)")
+    star = {n: p.detach() for n, p in chosen.items()} if theta_star is None else dict(theta_star)
+    for what, values in (("fisher", {n: diag[n] for n in rest}), ("theta_star", star)):
+        for n, p in chosen.items():
+            if what == "fisher" and n not in rest:
+                continue
+            t = values.get(n)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+                got = (
+                    "none"
+                    if t is None
+                    else f"shape {tuple(t.shape)}"
+                    if isinstance(t, torch.Tensor)
+                    else type(t).__name__
+                )
+                raise ValueError(f"{what}: '{n}' must be a tensor of the parameter's shape {tuple(p.shape)}, got {got}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{what}: '{n}' has non-finite values")
+    if rest:
+        blocks.insert(0, Diagonal({n: diag[n].detach().to(p.device, torch.float32) for n, p in rest.items()}))
+    stored = {n: star[n].detach().to(chosen[n].device, storage_dtype, copy=True) for n in chosen}
+    return Task(stored, tuple(b.cast(storage_dtype) for b in blocks))

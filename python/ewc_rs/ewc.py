@@ -26,7 +26,7 @@ derivative of the penalty raises an error.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -40,7 +40,7 @@ from ._penalty.autograd import FusedPenalty
 from ._penalty.plan import Plan, run_on_plan, zero_penalty
 from ._state import persistence
 from ._state.task import Task, add_task
-from ._structures import check_structure, consolidate
+from ._structures import check_structure, consolidate, task_from_fisher
 
 __all__ = ["EWC", "ParamSelector", "check_choice", "check_lam"]
 
@@ -115,10 +115,29 @@ class EWC:
         opts = parse_options(kind, **fisher_options, where="consolidate")
         keep = options.selected_parameters(self._model, self._selector)
         new, est = consolidate(self._model, keep, loader, self.structure, self.storage_dtype, opts)
-        self._tasks = add_task(self._tasks, new, online=self.mode == "online", gamma=self.gamma)
-        self._cached_plan = None
-        self._norm_stats.install()
+        self._add(new)
         return est
+
+    def consolidate_from(self, fisher: Mapping[str, Any], *, theta_star: Optional[Mapping[str, Any]] = None) -> None:
+        """Adds a task from a precomputed Fisher (e.g. :func:`ewc_rs.load_fisher`) as ``consolidate`` would.
+
+        Args:
+            fisher: ``{name: F}`` for every protected parameter (``params=``; others are ignored), or with
+                ``structure="kfac"`` :func:`ewc_rs.fisher_kfac`'s ``{"kron": ..., "diag": ...}``.
+            theta_star: θ* by name (default: the model's current weights).
+
+        Raises:
+            ValueError: a protected parameter without F or θ*, of another shape, negative or non-finite F.
+        """
+        keep = options.selected_parameters(self._model, self._selector)
+        self._add(task_from_fisher(self._model, keep, fisher, theta_star, self.structure, self.storage_dtype))
+
+    def _add(self, new: Task) -> None:
+        self._tasks, self._cached_plan = (
+            add_task(self._tasks, new, online=self.mode == "online", gamma=self.gamma),
+            None,
+        )
+        self._norm_stats.install()
 
     @property
     def num_tasks(self) -> int:

@@ -1,10 +1,13 @@
 //! What crosses between Python and Rust: the typed boundary of the Fisher engine (`fisher`), the
-//! penalty's entry points (`penalty`), and the mapping of crate errors to Python exceptions.
+//! penalty's entry points (`penalty`), merging (`merge`), Fisher statistics as numpy arrays
+//! (`summary`), and the mapping of crate errors to Python exceptions.
 
 pub mod cuda;
 pub mod fisher;
 pub mod kfac;
+pub mod merge;
 pub mod penalty;
+pub mod summary;
 
 use crate::error::EwcError;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};

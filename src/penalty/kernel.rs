@@ -1,7 +1,7 @@
 //! The CPU pass over raw memory: per element d = θ − θ*, g = c·F·d (written or added), and
 //! Σ F d² (f32 per block of 256, f64 overall), multi-threaded over work items.
 
-use super::memory::Addr;
+use crate::memory::Addr;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;

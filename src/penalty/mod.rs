@@ -9,13 +9,12 @@
 //! cannot run, a fixed handful of libtorch kernels runs over the flat buffers (`flat_ops`).
 
 mod kernel;
-mod memory;
 
 use crate::cuda;
 use crate::error::{value_err, Context, EwcError, Result};
+use crate::memory::{span, writes_are_disjoint, Addr};
 use half::{bf16, f16};
 use kernel::{push_items, GradWrite, Item, Target};
-use memory::{span, writes_are_disjoint, Addr};
 use tch::{Device, Kind, Tensor};
 
 /// Result of one penalty evaluation: the value (0-d float32 tensor, on the parameters' device),

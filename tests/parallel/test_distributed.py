@@ -119,8 +119,9 @@ def ref_step_grads(seed: int, world: int, fisher: dict[str, torch.Tensor]) -> di
 
 
 def fisher_bytes(fisher: dict[str, torch.Tensor]) -> int:
-    """One float32 all-reduce of every F, the count (2 floats) and the failure flag."""
-    return 4 * (sum(f.numel() for f in fisher.values()) + 3)
+    """One float32 all-reduce of every F, the counts (the divisor, samples and tokens: 2 floats
+    each) and the failure flag."""
+    return 4 * (sum(f.numel() for f in fisher.values()) + 7)
 
 
 def ref_kfac(seed: int, kind: str) -> dict[str, Any]:
@@ -168,11 +169,11 @@ def ref_kfac_penalty_float64(seed: int, factors: dict[str, Any]) -> tuple[float,
 
 def kfac_fisher_bytes(model: torch.nn.Module, factors: dict[str, Any]) -> int:
     """One float32 all-reduce: the diagonal sums of every parameter, A and G of every layer, and the
-    counts (2 floats each: samples, whether the rank saw data, input rows and the site vote per
-    layer) with the failure flag."""
+    counts (2 floats each: the divisor, samples, tokens, whether the rank saw data, input rows and
+    the site vote per layer) with the failure flag."""
     n_params = sum(p.numel() for p in model.parameters())
     n_factors = sum(a.numel() + g.numel() for a, g in factors["kron"].values())
-    return 4 * (n_params + n_factors + 1 + 2 * (2 + 2 * len(factors["kron"])))
+    return 4 * (n_params + n_factors + 1 + 2 * (4 + 2 * len(factors["kron"])))
 
 
 def check_kfac(got: dict[str, Any], want: dict[str, Any], what: str) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._parallel import collectives, sharding
+from .._state.fisher_dict import FisherDict
 from .batches import LikelihoodFn
 from .estimation import Estimation, Result
 from .options import DEFAULTS, KINDS, OPTION_NAMES, FisherOptions, parse_options
@@ -178,7 +179,9 @@ def fisher_diag(
     Returns:
         ``{name: F}`` for every parameter that requires grad (names of
         ``model.named_parameters()``, of the inner module for DDP), float32, with the parameter's
-        shape and device; DTensors sharded like the parameters for an FSDP2 model.
+        shape and device; DTensors sharded like the parameters for an FSDP2 model. A dict whose
+        ``.metadata`` says ``kind``, ``likelihood``, ``samples``, ``tokens`` (counted target
+        positions) and ``mc_samples``, over every rank (what :func:`ewc_rs.save_fisher` records).
 
     Raises:
         ValueError: unknown kind or likelihood, empty loader, malformed batch, outputs or targets
@@ -188,7 +191,9 @@ def fisher_diag(
             sharded model without a process group.
     """
     options = _parsed("fisher_diag", locals())
-    return estimate(model, loader, options).diag
+    result = estimate(model, loader, options)
+    counted = {"samples": result.samples, "tokens": result.tokens, "mc_samples": options.mc_samples}
+    return FisherDict(result.diag, {"kind": options.kind, "likelihood": options.likelihood, **counted})
 
 
 def fisher_kfac(

@@ -72,6 +72,10 @@ class Result:
     sites: list[KfacSite] = field(default_factory=list)
     #: The parameters that took the exact per-sample fallback (no rule, or a rule check failed).
     fallback: list[str] = field(default_factory=list)
+    #: Samples, and counted target positions (not ``ignore_index``; one per sample without
+    #: positions), over every rank of the process group.
+    samples: int = 0
+    tokens: int = 0
 
 
 class Estimation:
@@ -116,6 +120,8 @@ class Estimation:
         self.fallback = Fallback(model, self.coverage, options, self.sums, self.budget)
         self.seen = 0  # samples
         self.batches = 0
+        # counted target positions (not ignore_index), summed on the device: read once, in `result`
+        self.tokens = torch.zeros((), dtype=torch.long, device=self.device)
         self.checked = False  # the once-per-estimation rule check
         # The Kronecker part: candidates fixed now (the same on every rank), sites after the check.
         self.chosen = chosen
@@ -185,10 +191,11 @@ class Estimation:
         """The counts it carries: samples or batches, whether this rank saw data, the input rows
         per candidate, and per candidate whether this rank made it a site."""
         count = self.batches if self.options.kind == "batched" else self.seen
-        if not self.candidates:  # a diagonal estimation: the count alone
-            return [count]
+        head = [count, self.seen, int(self.tokens)]
+        if not self.candidates:  # a diagonal estimation: the counts alone
+            return head
         rows = self.kfac.rows if self.kfac is not None else []
-        return [count, int(self.batches > 0), *rows, *(int(s) for s in self.is_site)]
+        return [*head, int(self.batches > 0), *rows, *(int(s) for s in self.is_site)]
 
     def result(self) -> Result:
         """The sums over the count (batches for ``batched``, else samples), A over its rows; under a
@@ -205,11 +212,13 @@ class Estimation:
         elif self.batches == 0:
             raise ValueError("loader: produced no batches (an empty loader has no Fisher)")
         k = len(self.candidates)
-        count, with_data = counts[0], (counts[1] if k else 0)
-        rows, sites = counts[2 : 2 + k], counts[2 + k :]
+        count, samples, tokens = counts[:3]
+        with_data = counts[3] if k else 0
+        rows, sites = counts[4 : 4 + k], counts[4 + k :]
         p = len(self.coverage.names)
         diag_totals, a_totals, g_totals = totals[:p], totals[p : p + k], totals[p + k :]
-        result = Result(diag={}, fallback=sorted(self.coverage.names[s] for s in self.coverage.fallback))
+        fallback = sorted(self.coverage.names[s] for s in self.coverage.fallback)
+        result = Result(diag={}, fallback=fallback, samples=samples, tokens=tokens)
         for name, total in zip(self.coverage.names, diag_totals):
             f = total / count
             if not torch.isfinite(f).all():
@@ -252,6 +261,7 @@ class Estimation:
     def _batched_step(self, x: Any, y: Any, n: int) -> None:
         """The seed's estimator: every parameter's whole batch gradient, squared."""
         out, y = self.forward(x, y, n)
+        self._count_tokens(y, n)
         self.sums.add_batch(out, self.options.roots(out, y), whole_slots=list(range(len(self.coverage.params))))
 
     def _rules_step(self, x: Any, y: Any, n: int, recorder: Recorder) -> None:
@@ -262,12 +272,21 @@ class Estimation:
             self.checked = True
             self._choose_sites()
         out, yp = self._recorded_forward(x, y, n, recorder)
+        self._count_tokens(yp, n)
         self._drop_uninterpretable(recorder, n)
         mc = self.options.draw_mc(out) if self.options.kind == "mc" else None
         roots = self.options.roots(out, yp, mc_draws=mc)
         self.sums.add_batch(out, roots, calls=self._calls(recorder), kfac=self.kfac)
         if self.coverage.fallback:
             self.fallback.step(x, y, n, mc)
+
+    def _count_tokens(self, y: Any, n: int) -> None:
+        """Adds the batch's counted target positions: those of a per-position target that are not
+        ``ignore_index``, else one per sample."""
+        if isinstance(y, torch.Tensor) and y.dim() > 1 and self.options.likelihood in ("categorical", "causal_lm"):
+            self.tokens += (y != self.options.ignore_index).sum()
+        else:
+            self.tokens += n
 
     def _choose_sites(self) -> None:
         """The candidates that the rule checks left with the rules, weight and bias as they were,

@@ -1,17 +1,18 @@
-//! Raw tensor memory as the CPU kernel sees it: an address type that may cross threads, and the
-//! byte spans of tensors, so that what the kernel's SAFETY contract claims (gradient targets
-//! overlap nothing it reads and nothing else it writes) is checked, not assumed.
+//! Raw tensor memory as the CPU passes see it (the penalty kernel, the merge): an address type
+//! that may cross threads, and the byte spans of tensors, so that what a pass's SAFETY contract
+//! claims (what it writes overlaps nothing it reads and nothing else it writes) is checked, not
+//! assumed.
 
 use std::ops::Range;
 use tch::Tensor;
 
 /// The address of a live tensor's element memory. Only made from a tensor's data pointer; the
-/// kernel reads or writes through it under the contract stated on `kernel::run`.
+/// passes read or write through it under their stated contracts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Addr(*mut u8);
 
 // SAFETY: an `Addr` is a plain address; the pool threads that receive it only dereference it
-// under `kernel::run`'s contract (live memory, written ranges disjoint from everything else).
+// under their pass's contract (`penalty::kernel::run`, `merge::cpu_merge`) (live memory, written ranges disjoint from everything else).
 unsafe impl Send for Addr {}
 unsafe impl Sync for Addr {}
 

@@ -1,0 +1,96 @@
+"""Where a Fisher's mass lies: ``fisher_summary``, per-tensor statistics computed in Rust (GIL
+released) and returned as numpy arrays the Rust side made (``FisherSummary``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from .. import _core
+from .fisher_dict import checked
+
+#: The quantile levels reported.
+LEVELS = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
+#: Histogram edges: one decade a bin from 1e-20 to 1e6 (a Fisher spans many orders of magnitude).
+EDGES = tuple(10.0**k for k in range(-20, 7))
+
+
+@dataclass(frozen=True)
+class FisherSummary:
+    """Per-tensor statistics of a Fisher, one row per tensor (in ``names`` order).
+
+    Attributes:
+        names: the tensors' names.
+        count, total, mean, max: elements, their sum (the tensor's Fisher mass), mean and largest.
+        share: each tensor's part of the whole Fisher's mass (sums to 1 when any is positive).
+        levels, quantiles: the quantile levels and, per tensor, the quantiles at them.
+        edges, histogram: the histogram edges and per tensor the counts below ``edges[0]`` (zeros
+            too), in each ``[edges[k], edges[k+1])`` and from ``edges[-1]`` on.
+    """
+
+    names: list[str]
+    count: npt.NDArray[np.int64]
+    total: npt.NDArray[np.float64]
+    mean: npt.NDArray[np.float64]
+    max: npt.NDArray[np.float64]
+    share: npt.NDArray[np.float64]
+    levels: npt.NDArray[np.float64]
+    quantiles: npt.NDArray[np.float64]
+    edges: npt.NDArray[np.float64]
+    histogram: npt.NDArray[np.int64]
+
+    def table(self, top: int = 10) -> str:
+        """The ``top`` tensors by Fisher mass as an aligned text table (name, elements, share, mean, max)."""
+        order = np.argsort(-self.total)[:top]
+        width = max([len("tensor")] + [len(self.names[i]) for i in order])
+        rows = [f"{'tensor':<{width}}  {'elements':>10}  {'share':>7}  {'mean':>9}  {'max':>9}"]
+        for i in order:
+            rows.append(
+                f"{self.names[i]:<{width}}  {self.count[i]:>10}  {self.share[i]:>7.2%}  "
+                f"{self.mean[i]:>9.3g}  {self.max[i]:>9.3g}"
+            )
+        return "\n".join(rows)
+
+
+def fisher_summary(
+    fisher: Mapping[str, torch.Tensor],
+    *,
+    levels: Sequence[float] = LEVELS,
+    edges: Sequence[float] = EDGES,
+) -> FisherSummary:
+    """Statistics of each tensor of a Fisher (e.g. which layers carry a task's Fisher mass).
+
+    Args:
+        fisher: ``{name: F}`` (e.g. :func:`ewc_rs.fisher_diag`, :func:`ewc_rs.load_fisher`).
+        levels: quantile levels, each in [0, 1].
+        edges: strictly increasing, finite histogram edges.
+
+    Returns:
+        The statistics (:class:`FisherSummary`).
+
+    Raises:
+        ValueError: an empty mapping, a tensor that is not a finite non-negative float tensor,
+            levels outside [0, 1], edges that do not increase.
+    """
+    tensors = checked(fisher)
+    names = list(tensors)
+    count, total, top, quantiles, histogram = _core.fisher_summary(
+        [tensors[n].detach() for n in names], [float(q) for q in levels], [float(e) for e in edges]
+    )
+    mass = float(total.sum())
+    return FisherSummary(
+        names=names,
+        count=count,
+        total=total,
+        mean=np.divide(total, np.maximum(count, 1)),
+        max=top,
+        share=total / mass if mass > 0 else np.zeros_like(total),
+        levels=np.asarray(levels, dtype=np.float64),
+        quantiles=quantiles,
+        edges=np.asarray(edges, dtype=np.float64),
+        histogram=histogram,
+    )
