@@ -35,7 +35,7 @@ FisherLike = Union[Mapping[str, torch.Tensor], str, "os.PathLike[str]"]
 
 def fisher_merge(
     models_or_state_dicts: Sequence[ModelLike],
-    fishers: Sequence[FisherLike],
+    fishers: Optional[Sequence[FisherLike]],
     *,
     weights: Optional[Sequence[float]] = None,
     eps: float = 1e-8,
@@ -47,7 +47,8 @@ def fisher_merge(
             shapes and dtypes.
         fishers: one diagonal Fisher per model, ``{parameter name: F}`` or the folder of a Fisher
             file; every Fisher names the same parameters, each a floating-point entry of the state
-            dicts, with its shape.
+            dicts, with its shape. None: no Fisher, every tensor is the weighted average (the
+            baseline a Fisher merge is compared with).
         weights: one non-negative weight per model, with a positive sum (default: equal).
         eps: added to every Fisher (≥ 0); where all Fishers of an element are 0 the weighted
             average is used whatever ``eps``.
@@ -64,13 +65,14 @@ def fisher_merge(
     """
     states = _state_dicts(models_or_state_dicts)
     n = len(states)
-    if isinstance(fishers, (str, os.PathLike, Mapping)) or len(fishers) != n:
+    if fishers is not None and (isinstance(fishers, (str, os.PathLike, Mapping)) or len(fishers) != n):
         got = "one" if isinstance(fishers, (str, os.PathLike, Mapping)) else len(fishers)
         raise ValueError(f"fishers: expected a sequence of one Fisher per model ({n}), got {got}")
     w = _weights(weights, n)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite non-negative number, got {eps!r}")
-    loaded = [_fisher(f, f"fishers[{i}]") for i, f in enumerate(fishers)]
+    no_fisher: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    loaded = no_fisher if fishers is None else [_fisher(f, f"fishers[{i}]") for i, f in enumerate(fishers)]
     names = set(loaded[0])
     for i, f in enumerate(loaded):
         if set(f) != names:

@@ -1,4 +1,4 @@
-"""The demo's quick mode (``python -m ewc_rs.demo seed|permuted --quick``), its data errors, and
+"""The demo's quick mode (``python -m ewc_rs.demo seed|permuted|merge --quick``), its data errors, and
 its run without matplotlib.
 
 The data comes from ``$EWC_RS_DATA`` (conftest defaults it to ``../shared/data`` next to the
@@ -64,6 +64,21 @@ def test_seed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _is_png(tmp_path / "seed.png")
     out = capsys.readouterr().out
     assert "| ewc_exact |" in out and "MNIST after B" in out
+
+
+@needs_data
+def test_merge_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _demo_main(["merge", "--quick", "--data", str(DATA), "--out", str(tmp_path)]) == 0
+    acc = json.loads((tmp_path / "merge.json").read_text())["accuracy"]
+    assert set(acc) == {"base", "fine-tuned on A", "fine-tuned on B", "plain average", "Fisher merge"}
+    for row in acc.values():
+        assert set(row) == {"task A", "task B", "mean"} and all(_is_accuracy(v) for v in row.values())
+        assert row["mean"] == pytest.approx((row["task A"] + row["task B"]) / 2)
+    # each fine-tuned model knows its own task best (even in the quick setting)
+    assert acc["fine-tuned on A"]["task A"] > acc["fine-tuned on A"]["task B"]
+    assert acc["fine-tuned on B"]["task B"] > acc["fine-tuned on B"]["task A"]
+    assert _is_png(tmp_path / "merge.png")
+    assert "| Fisher merge |" in capsys.readouterr().out
 
 
 @needs_data

@@ -100,7 +100,9 @@ def test_fisher_files_buffers_and_tied_weights(tmp_path: Path, seed: int) -> Non
     models = [Tied() for _ in range(2)]
     for m in models:
         m.norm.running_mean.normal_()
-    fishers = [{"emb.weight": torch.rand(11, 6), "norm.weight": torch.rand(6), "norm.bias": torch.rand(6)} for _ in models]
+    fishers = [
+        {"emb.weight": torch.rand(11, 6), "norm.weight": torch.rand(6), "norm.bias": torch.rand(6)} for _ in models
+    ]
     folders = [save_fisher(tmp_path / f"f{i}", f) for i, f in enumerate(fishers)]
     got = fisher_merge(models, folders, weights=[0.25, 0.75])
     assert got["head.weight"] is got["emb.weight"]
@@ -120,7 +122,11 @@ def test_bad_input_is_refused_by_name(tmp_path: Path) -> None:
         (([], []), {}, "models_or_state_dicts"),
         (([a, {"w": torch.zeros(3)}], [f, f]), {}, r"models_or_state_dicts\[1\]"),
         (([a, {"w": torch.zeros(4), "b": torch.zeros(2)}], [f, f]), {}, r"models_or_state_dicts\[1\]: 'w'"),
-        (([a, {"w": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(2)}], [f, f]), {}, r"models_or_state_dicts\[1\]"),
+        (
+            ([a, {"w": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(2)}], [f, f]),
+            {},
+            r"models_or_state_dicts\[1\]",
+        ),
         (([a, b], [f]), {}, "fishers: expected a sequence of one Fisher per model"),
         (([a, b], f), {}, "fishers"),
         (([a, b], [f, {"w": -torch.ones(3)}]), {}, r"fishers\[1\].*negative"),
@@ -141,3 +147,11 @@ def test_bad_input_is_refused_by_name(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=match):
             fisher_merge(models, fishers, **kwargs)  # type: ignore[arg-type]
     assert all(torch.equal(a[k], before[k]) for k in a)
+
+
+def test_without_fishers_every_tensor_is_the_weighted_average(seed: int) -> None:
+    models, _ = _models(seed, 2)
+    got = fisher_merge(models, None, weights=[1.0, 3.0])
+    want = naive([m.state_dict() for m in models], [{}, {}], [1.0, 3.0], 0.0)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -3,6 +3,7 @@
     python -m ewc_rs.demo seed     [--data DIR] [--out DIR] [--quick] [--device cpu] [--seed 0] [--lam 100]
     python -m ewc_rs.demo permuted [--data DIR] [--out DIR] [--quick] [--device cpu] [--seed 0] [--lam 1000]
                                    [--tasks 5] [--methods none,ewc_exact,kfac]
+    python -m ewc_rs.demo merge    [--data DIR] [--out DIR] [--quick] [--device cpu] [--seed 0]
 
 Each prints a table and writes JSON plus PNG figures into ``--out`` (default ``demo_out``); without
 matplotlib the figures are skipped, with one line saying how to get them.
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ewc_rs.demo",
         description="Elastic Weight Consolidation demos: the seed article's MNIST → Fashion-MNIST table "
-        "and Kirkpatrick et al.'s permuted MNIST.",
+        "Kirkpatrick et al.'s permuted MNIST, and Fisher-weighted merging (Matena & Raffel).",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads (default: $EWC_RS_THREADS or 1; see ewc_rs.demo.train.set_threads)",
     )
     common.add_argument("--progress", action="store_true", help="show tqdm progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{seed,permuted}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{seed,permuted,merge}")
     p_seed = sub.add_parser("seed", parents=[common], help="MNIST → Fashion-MNIST, the seed article's table")
     p_seed.add_argument(
         "--lam", type=float, default=None, help="λ of the exact-Fisher rows (default 100; the batched row keeps 1e5)"
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated methods, e.g. none,ewc_exact,kfac (default: none, l2, ewc_exact, ewc_empirical, "
         "ewc_mc, ewc_batched; also kfac, kfac_online, ekfac, ekfac_online)",
     )
+    sub.add_parser("merge", parents=[common], help="two fine-tuned models merged by plain and by Fisher averaging")
     return parser
 
 
@@ -84,6 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 lam=args.lam,
                 progress=args.progress,
             )
+        elif args.command == "merge":
+            from .merge import run_merge
+
+            run_merge(args.data, args.out, quick=args.quick, device=args.device, seed=args.seed, progress=args.progress)
         else:
             from .permuted import METHODS, run_permuted
 

@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PLOTS_SKIPPED", "plots_available", "plot_seed", "plot_permuted", "plot_matrices"]
+__all__ = ["PLOTS_SKIPPED", "plots_available", "plot_seed", "plot_permuted", "plot_matrices", "plot_merge"]
 
 PLOTS_SKIPPED = "plots skipped: matplotlib is not installed; pip install 'ewc_rs[demo]' to get them"
 """The one line a demo prints when it cannot draw its figures."""
@@ -144,6 +144,32 @@ def plot_matrices(
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="test accuracy")
     fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_merge(
+    results: dict[str, dict[str, float]],
+    path: Optional[Union[str, Path]] = None,
+    *,
+    title: str = "Merging two fine-tuned models",
+) -> Figure:
+    """Grouped bars: one group per model of the merge demo, its accuracy on task A, task B, their mean."""
+    rows = list(results)
+    metrics = ("task A", "task B", "mean")
+    fig = _new_figure((8, 4))
+    ax = fig.subplots()
+    width = 0.8 / len(metrics)
+    x = np.arange(len(rows))
+    for i, m in enumerate(metrics):
+        bars = ax.bar(x + (i - 1) * width, [results[r][m] for r in rows], width, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(x, rows, fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper center", ncol=len(metrics), fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
