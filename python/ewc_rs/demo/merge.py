@@ -1,12 +1,13 @@
 """Fisher-weighted merging (Matena & Raffel 2022) of two fine-tuned models: ``demo merge``.
 
 Setting: the permuted-MNIST MLP (784-256-256-10, :func:`.models.permuted_mlp`) and data
-(:func:`.permuted.make_tasks`). A base model learns task 0 (MNIST, pixels in order); two copies
-of it are fine-tuned, one on task A (the first permutation), one on task B (the second), each
-with a fresh Adam (lr 1e-3, batch 100; 3 epochs for the base and for each fine-tuning). Each
-fine-tuned model's exact diagonal Fisher (:func:`ewc_rs.fisher_diag`) is estimated on
-``fisher_samples`` training images of its own task. The two are then merged by plain averaging (θ = (θ_A + θ_B)/2) and by Fisher averaging (:func:`ewc_rs.fisher_merge`, equal
-weights), and every model is tested on the test sets of task A and task B.
+(:func:`.permuted.make_tasks`). A base model learns task 0 (MNIST, pixels in order); two copies of
+it are fine-tuned, one on task A (the first permutation), one on task B (the second), each with a
+fresh Adam (lr 1e-3, batch 100; 3 epochs for the base and for each fine-tuning). Each fine-tuned
+model's exact diagonal Fisher (:func:`ewc_rs.fisher_diag`) is estimated on ``fisher_samples``
+training images of its own task. The two are then merged by plain averaging (θ = (θ_A + θ_B)/2) and
+by Fisher averaging (:func:`ewc_rs.fisher_merge`, equal weights), and every model is tested on the
+test sets of task A and task B.
 
 Outputs: ``OUT/merge.json`` = ``{"accuracy": {model: {"task A": acc, "task B": acc, "mean": acc}},
 "config": {...}}`` and ``OUT/merge.png`` (grouped bars). ``--quick``: 2000 training images a task,
