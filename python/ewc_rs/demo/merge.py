@@ -106,8 +106,8 @@ def run_merge(
     merged = fisher_merge(tuned, fishers)
     models = dict(zip(MODELS, (*tuned, _loaded(base, average), _loaded(base, merged))))
     results: dict[str, dict[str, float]] = {}
-    for name, model in models.items():
-        acc = {f"task {k}": accuracy(model, tasks[t][2], tasks[t][3]) for k, t in (("A", 1), ("B", 2))}
+    for name, net in models.items():
+        acc = {f"task {k}": accuracy(net, tasks[t][2], tasks[t][3]) for k, t in (("A", 1), ("B", 2))}
         results[name] = {**acc, "mean": sum(acc.values()) / 2}
     results["base"] = {f"task {k}": accuracy(base, tasks[t][2], tasks[t][3]) for k, t in (("A", 1), ("B", 2))}
     results["base"]["mean"] = (results["base"]["task A"] + results["base"]["task B"]) / 2
