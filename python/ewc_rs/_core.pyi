@@ -22,6 +22,8 @@ __all__ = [
     "layer_rule",
     "penalty",
     "penalty_add_to_grads",
+    "fisher8_quantize",
+    "fisher8_dequantize",
     "merge",
     "fisher_summary",
     "cuda_kernel_status",
@@ -129,9 +131,13 @@ def penalty(
     fisher: torch.Tensor,
     lam: float,
     out: Optional[torch.Tensor] = None,
+    *,
+    fisher_scales: Optional[torch.Tensor] = None,
+    fisher_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(λ/2) Σ F (θ−θ*)² as a 0-d tensor, λF(θ−θ*) as one flat tensor (``out`` if given), and
-    that tensor's views shaped like each parameter."""
+    that tensor's views shaped like each parameter. With ``fisher_scales``, ``fisher`` is 8-bit
+    codes (``fisher8_quantize`` of each parameter's F, concatenated) in blocks of ``fisher_block``."""
 
 def penalty_add_to_grads(
     params: Sequence[torch.Tensor],
@@ -139,10 +145,23 @@ def penalty_add_to_grads(
     fisher: torch.Tensor,
     lam: float,
     scale: float,
+    *,
+    fisher_scales: Optional[torch.Tensor] = None,
+    fisher_block: int = 0,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """Adds ``scale``·λF(θ−θ*) into the parameters' ``.grad`` in place (CPU, CUDA); returns the penalty
     and ``(index, gradient)`` for each parameter whose ``.grad`` was absent or not writable in
     place, for the caller to install or add."""
+
+def fisher8_quantize(
+    fisher: torch.Tensor, block: int, range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit log code of ``fisher`` (flattened): flat uint8 codes and float32 ``(lo, step)``
+    scales shaped ``[ceil(numel / block), 2]``; values more than ``range`` binades below their
+    block's maximum flush to code 0."""
+
+def fisher8_dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """The flat float32 values of 8-bit codes."""
 
 def merge(
     thetas: Sequence[torch.Tensor],
@@ -174,5 +193,5 @@ def cuda_kernel_set_enabled(on: bool) -> bool:
 def cuda_set_nvrtc_dir(path: str | os.PathLike[str]) -> None:
     """Where torch's libnvrtc lives (used when it is not found by its soname)."""
 
-def cuda_compile_check(cc: int, max_items: int = 768) -> tuple[str, int]:
+def cuda_compile_check(cc: int, max_items: int = 680) -> tuple[str, int]:
     """Compiles the kernel with NVRTC for compute capability ``cc``; returns (what, size in bytes)."""

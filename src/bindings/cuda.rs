@@ -35,7 +35,7 @@ pub fn cuda_set_nvrtc_dir(path: PathBuf) {
 /// Returns:
 ///     `(what, size)`: e.g. `("sm_90 cubin (NVRTC 13.0)", 31744)`.
 #[pyfunction]
-#[pyo3(signature = (cc, max_items=768))]
+#[pyo3(signature = (cc, max_items=680))]
 pub fn cuda_compile_check(py: Python<'_>, cc: i32, max_items: usize) -> PyResult<(String, usize)> {
     Ok(py.allow_threads(|| cuda::compile_only(cc, max_items))?)
 }

@@ -4,6 +4,7 @@
 
 pub mod cuda;
 pub mod fisher;
+pub mod fisher8;
 pub mod kfac;
 pub mod merge;
 pub mod penalty;

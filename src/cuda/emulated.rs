@@ -1,12 +1,13 @@
 //! The kernel's own source, run on the CPU: `emulation/harness.cpp` compiles `penalty.cu` with host
 //! stand-ins for the CUDA built-ins (threads and barriers for a block's threads and warps), and
 //! these tests drive it through the same launch tables and loop as the GPU path, against a float64
-//! reference, for every dtype pair, both ways of writing the gradient, several launches and blocks
-//! that walk several tiles. Needs a C++20 compiler (`c++`, or `CXX`); says so and returns without.
+//! reference, for every dtype pair, both ways of writing the gradient, dense and 8-bit F, several
+//! launches and blocks that walk several tiles. Needs a C++20 compiler (`c++`, or `CXX`); says so and returns without.
 
 use super::kernels::{each_launch, grid, Buffers};
 use super::table::{launches, Target};
-use super::variant;
+use super::{variant, Fisher};
+use crate::fisher8;
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -61,7 +62,8 @@ fn emulator() -> Option<&'static libloading::Library> {
 fn run(
     lib: &libloading::Library,
     targets: &[Target],
-    [star, fisher]: [&Tensor; 2],
+    star: &Tensor,
+    fisher: Fisher<'_>,
     param: Kind,
     coef: f32,
     lam: f64,
@@ -73,16 +75,26 @@ fn run(
             *lib.get::<Finish>(b"ewc_emulate_finish\0").unwrap(),
         )
     };
-    let which = variant(param, star.kind()).unwrap() as i32;
+    let (f, scales, block_log2, coded) = match fisher {
+        Fisher::Dense(f) => (f, 0, 0, false),
+        Fisher::Coded {
+            codes,
+            scales,
+            block_log2,
+        } => (codes, scales.data_ptr() as u64, block_log2, true),
+    };
+    let which = variant(param, star.kind(), coded).unwrap() as i32;
     let launches = launches(targets, MAX_ITEMS).unwrap();
     let needed: u32 = launches.iter().map(|l| grid(l.tiles, SMS)).sum();
     let partials = vec![f64::NAN; needed as usize];
     let mut value = f32::NAN;
     let bufs = Buffers {
         star: star.data_ptr() as u64,
-        fisher: fisher.data_ptr() as u64,
+        fisher: f.data_ptr() as u64,
         partials: partials.as_ptr() as u64,
         value: 0,
+        scales,
+        block_log2,
     };
     let grid_of = |tiles| grid(tiles, SMS);
     let written = each_launch(&launches, &bufs, coef, MAX_ITEMS, grid_of, |bytes, g| {
@@ -143,9 +155,10 @@ fn the_kernel_source_run_on_the_cpu_matches_the_reference() {
         (Kind::Half, Kind::BFloat16),
         (Kind::BFloat16, Kind::BFloat16),
     ];
-    for (param, storage) in pairs {
+    for ((param, storage), coded) in pairs.iter().flat_map(|&p| [(p, false), (p, true)]) {
         for add in [false, true] {
-            let what = format!("{param:?} parameters, {storage:?} storage, add={add}");
+            let what =
+                format!("{param:?} parameters, {storage:?} storage, 8-bit F={coded}, add={add}");
             let params: Vec<Tensor> = SHAPES
                 .iter()
                 .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).to_kind(param))
@@ -158,7 +171,34 @@ fn the_kernel_source_run_on_the_cpu_matches_the_reference() {
             let star = (flat.to_kind(Kind::Float)
                 + Tensor::randn([total], (Kind::Float, Device::Cpu)) * 0.1)
                 .to_kind(storage);
-            let fisher = Tensor::rand([total], (Kind::Float, Device::Cpu)).to_kind(storage);
+            // Dense F in [0, 1); 8-bit F spanning ~20 binades (below float16 overflow), coded per parameter in blocks
+            // of 64 (short last blocks), and the reference reads what the codes decode to.
+            let (fisher, codes, scales) = if coded {
+                let wide = (Tensor::randn([total], (Kind::Float, Device::Cpu)) * 3.0).exp() * 1e-3;
+                let (mut codes, mut scales, mut at) = (Vec::new(), Vec::new(), 0i64);
+                for p in &params {
+                    let n = p.numel() as i64;
+                    let (c, s) = fisher8::quantize(&wide.narrow(0, at, n), 64, 24.0).unwrap();
+                    codes.push(c);
+                    scales.push(s);
+                    at += n;
+                }
+                let (codes, scales) = (Tensor::cat(&codes, 0), Tensor::cat(&scales, 0));
+                let decoded: Vec<Tensor> = {
+                    let (mut at, mut first, mut out) = (0i64, 0i64, Vec::new());
+                    for p in &params {
+                        let (n, nb) = (p.numel() as i64, fisher8::blocks(p.numel(), 64) as i64);
+                        let (c, s) = (codes.narrow(0, at, n), scales.narrow(0, first, nb));
+                        out.push(fisher8::dequantize(&c, &s, 64).unwrap());
+                        (at, first) = (at + n, first + nb);
+                    }
+                    out
+                };
+                (Tensor::cat(&decoded, 0), Some(codes), Some(scales))
+            } else {
+                let f = Tensor::rand([total], (Kind::Float, Device::Cpu)).to_kind(storage);
+                (f, None, None)
+            };
             let before = Tensor::randn([total], (Kind::Float, Device::Cpu)).to_kind(param);
             let grads = if add {
                 before.copy()
@@ -166,7 +206,7 @@ fn the_kernel_source_run_on_the_cpu_matches_the_reference() {
                 Tensor::full([total], f64::NAN, (param, Device::Cpu))
             };
             let elt = param.elt_size_in_bytes() as u64;
-            let mut offset = 0u64;
+            let (mut offset, mut block) = (0u64, 0u64);
             let targets: Vec<Target> = params
                 .iter()
                 .map(|p| {
@@ -175,14 +215,24 @@ fn the_kernel_source_run_on_the_cpu_matches_the_reference() {
                         grad: grads.data_ptr() as u64 + offset * elt,
                         offset,
                         len: p.numel() as u64,
+                        block,
                         add,
                     };
                     offset += p.numel() as u64;
+                    block += fisher8::blocks(p.numel(), 64) as u64;
                     t
                 })
                 .collect();
             let (lam, coef) = (3.0, 1.5f32);
-            let value = run(lib, &targets, [&star, &fisher], param, coef, lam);
+            let f = match (&codes, &scales) {
+                (Some(codes), Some(scales)) => Fisher::Coded {
+                    codes,
+                    scales,
+                    block_log2: 6,
+                },
+                _ => Fisher::Dense(&fisher),
+            };
+            let value = run(lib, &targets, &star, f, param, coef, lam);
             let d = flat.to_kind(Kind::Double) - star.to_kind(Kind::Double);
             let f = fisher.to_kind(Kind::Double);
             let want = (&f * &d * &d).sum(Kind::Double).double_value(&[]) * 0.5 * lam;

@@ -8,27 +8,33 @@ use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
-/// Penalty kernels by (parameter dtype, storage dtype), as named in penalty.cu.
-pub const NAMES: [&str; 6] = [
+/// Penalty kernels by (parameter dtype, storage dtype, F dense or 8-bit), as named in penalty.cu.
+pub const NAMES: [&str; 12] = [
     "ewc_penalty_f32_f32",
     "ewc_penalty_f16_f32",
     "ewc_penalty_bf16_f32",
     "ewc_penalty_f32_bf16",
     "ewc_penalty_f16_bf16",
     "ewc_penalty_bf16_bf16",
+    "ewc_penalty_f32_f32_q8",
+    "ewc_penalty_f16_f32_q8",
+    "ewc_penalty_bf16_f32_q8",
+    "ewc_penalty_f32_bf16_q8",
+    "ewc_penalty_f16_bf16_q8",
+    "ewc_penalty_bf16_bf16_q8",
 ];
 
-/// Items per launch table: the table is the kernel's parameter, up to 32 KiB from CUDA 12.1
-/// drivers on (4 KiB before).
-const ITEMS_LARGE: usize = 768;
-const ITEMS_SMALL: usize = 96;
+/// Items per launch table: the table is the kernel's parameter, up to 32 764 bytes from CUDA
+/// 12.1 drivers on (4 096 before); 48 bytes of header and 48 an item.
+pub(super) const ITEMS_LARGE: usize = 680;
+pub(super) const ITEMS_SMALL: usize = 84;
 /// Resident blocks aimed for per multiprocessor (256 threads each).
 const BLOCKS_PER_SM: u32 = 8;
 
 /// One GPU's loaded kernels.
 pub struct Kernels {
     ctx: sys::CUcontext,
-    penalty: [sys::CUfunction; 6],
+    penalty: [sys::CUfunction; 12],
     finish: sys::CUfunction,
     max_items: usize,
     sms: u32,
@@ -103,7 +109,7 @@ fn load(ordinal: i32) -> Result<Kernels, String> {
             // SAFETY: `module` was just loaded and is never unloaded.
             unsafe { cu::module::get_function(module, c) }.map_err(|e| driver(name, e))
         };
-        let mut penalty = [std::ptr::null_mut(); 6];
+        let mut penalty = [std::ptr::null_mut(); 12];
         for (slot, name) in penalty.iter_mut().zip(NAMES) {
             *slot = function(name)?;
         }
@@ -133,13 +139,16 @@ fn within<T>(ctx: sys::CUcontext, f: impl FnOnce() -> Result<T, String>) -> Resu
     out
 }
 
-/// Device buffers of one pass: flat θ*, flat F, the per-block partial sums (doubles, as many as
-/// [`Kernels::plan`] counts) and the 0-d float32 value.
+/// Device buffers of one pass: flat θ*, flat F (or its 8-bit codes), the per-block partial sums
+/// (doubles, as many as [`Kernels::plan`] counts), the 0-d float32 value, and 8-bit F's scales
+/// (0 for a dense F) with log₂ of its block size.
 pub struct Buffers {
     pub star: u64,
     pub fisher: u64,
     pub partials: u64,
     pub value: u64,
+    pub scales: u64,
+    pub block_log2: u32,
 }
 
 /// Blocks of one launch over `tiles` tiles on a GPU of `sms` multiprocessors.
@@ -161,8 +170,14 @@ pub(super) fn each_launch(
     let mut written = 0u64;
     for l in launches {
         let grid = grid_of(l.tiles);
-        let partials = bufs.partials + 8 * written;
-        let mut bytes = table::table_bytes(l, [bufs.star, bufs.fisher, partials], coef, max_items);
+        let at = table::Pointers {
+            star: bufs.star,
+            fisher: bufs.fisher,
+            partials: bufs.partials + 8 * written,
+            scales: bufs.scales,
+            block_log2: bufs.block_log2,
+        };
+        let mut bytes = table::table_bytes(l, at, coef, max_items);
         launch(&mut bytes, grid)?;
         written += grid as u64;
     }

@@ -1,7 +1,8 @@
-//! The penalty's one-pass CUDA kernel: one launch (one per 768 parameter tensors) reads θ, θ* and
+//! The penalty's one-pass CUDA kernel: one launch (one per 680 parameter tensors) reads θ, θ* and
 //! F and writes the gradient, 16 bytes per float32 parameter (the memory floor), or adds it into
 //! `.grad` (20, reading it too), and one small launch sums the value; both on torch's current
-//! stream, without any host-device copy.
+//! stream, without any host-device copy. F may be 8-bit codes (`crate::fisher8`), decoded in the
+//! kernel.
 //!
 //! Nothing CUDA is needed to build it: the kernel (`penalty.cu`) is compiled at run time by
 //! NVRTC, which torch's CUDA wheels ship, and the driver is reached through `cudarc`'s dynamic
@@ -96,34 +97,49 @@ fn fall_back(ordinal: i32, reason: String, warn: bool) -> Result<Option<Tensor>>
     Ok(None)
 }
 
-/// The kernel variant for parameters of `param` dtype and θ*/F of `storage` dtype.
-fn variant(param: Kind, storage: Kind) -> Option<usize> {
+/// F as the kernel reads it: a flat buffer of θ*'s dtype, or 8-bit codes (flat uint8) with the
+/// float32 `(lo, step)` scales of blocks of `2^block_log2` values (see `crate::fisher8`).
+#[derive(Clone, Copy)]
+pub enum Fisher<'a> {
+    Dense(&'a Tensor),
+    Coded {
+        codes: &'a Tensor,
+        scales: &'a Tensor,
+        block_log2: u32,
+    },
+}
+
+/// The kernel variant (index into `kernels::NAMES`) for parameters of `param` dtype, θ* of
+/// `storage` dtype, and F dense or 8-bit (`coded`).
+fn variant(param: Kind, storage: Kind, coded: bool) -> Option<usize> {
     let p = match param {
         Kind::Float => 0,
         Kind::Half => 1,
         Kind::BFloat16 => 2,
         _ => return None,
     };
-    match storage {
-        Kind::Float => Some(p),
-        Kind::BFloat16 => Some(3 + p),
-        _ => None,
-    }
+    let s = match storage {
+        Kind::Float => 0,
+        Kind::BFloat16 => 3,
+        _ => return None,
+    };
+    Some(p + s + if coded { 6 } else { 0 })
 }
 
-/// Runs the one-pass penalty over `targets` on GPU `ordinal` with the flat `[θ*, F]`: gradients
+/// Runs the one-pass penalty over `targets` on GPU `ordinal` with the flat θ* and F: gradients
 /// `coef`·F·(θ−θ*) written or added as each target says, and returns the value (λ/2) Σ F (θ−θ*)²
 /// as a 0-d float32 tensor on that GPU. `Ok(None)`: the kernel cannot run here (the caller falls
 /// back; `status` says why).
 ///
 /// # Safety
 /// Each target's addresses must be live memory of `ordinal` holding `len` elements of `param`
-/// dtype, its `offset + len` within `star` and `fisher`; no gradient target may overlap anything
-/// read or another target.
+/// dtype, its `offset + len` within `star` and F's buffer, its `block` plus its blocks within
+/// the scales (8-bit F); no gradient target may overlap anything read or another target.
 pub unsafe fn penalty(
     ordinal: i32,
     targets: &[Target],
-    [star, fisher]: [&Tensor; 2],
+    star: &Tensor,
+    fisher: Fisher<'_>,
     param: Kind,
     coef: f32,
     lam: f64,
@@ -132,11 +148,29 @@ pub unsafe fn penalty(
         let why = "switched off (ewc_rs.cuda_kernel.set_enabled(False) or EWC_RS_CUDA_KERNEL=0)";
         return fall_back(ordinal, why.to_string(), false);
     }
-    let Some(which) = variant(param, star.kind()).filter(|_| star.kind() == fisher.kind()) else {
+    let (f, scales, block_log2) = match fisher {
+        Fisher::Dense(f) => {
+            if f.kind() != star.kind() {
+                return Err(EwcError::Type(format!(
+                    "star/fisher: expected both float32 or both bfloat16, got {:?} and {:?}",
+                    star.kind(),
+                    f.kind()
+                )));
+            }
+            (f, 0, 0)
+        }
+        Fisher::Coded {
+            codes,
+            scales,
+            block_log2,
+        } => (codes, scales.data_ptr() as u64, block_log2),
+    };
+    let coded = matches!(fisher, Fisher::Coded { .. });
+    let Some(which) = variant(param, star.kind(), coded) else {
         return Err(EwcError::Type(format!(
-            "star/fisher: expected both float32 or both bfloat16, got {:?} and {:?}",
-            star.kind(),
-            fisher.kind()
+            "params/star: expected float32, float16 or bfloat16 parameters and float32 or \
+             bfloat16 storage, got {param:?} and {:?}",
+            star.kind()
         )));
     };
     let k = match kernels::kernels(ordinal) {
@@ -158,12 +192,14 @@ pub unsafe fn penalty(
         .ctx("cuda penalty (partial sums)")?;
     let bufs = kernels::Buffers {
         star: star.data_ptr() as u64,
-        fisher: fisher.data_ptr() as u64,
+        fisher: f.data_ptr() as u64,
         partials: sums.data_ptr() as u64,
         value: value.data_ptr() as u64,
+        scales,
+        block_log2,
     };
-    // SAFETY: the caller's contract for the targets; `star`, `fisher`, `sums` and `value` are
-    // live tensors on this GPU, allocated on (or, for star/fisher, ready for) torch's current
+    // SAFETY: the caller's contract for the targets; `star`, F's tensors, `sums` and `value` are
+    // live tensors on this GPU, allocated on (or, for star and F, ready for) torch's current
     // stream, which runs the kernels: the allocator reuses `sums` only after them.
     unsafe { k.run(which, &launches, &bufs, coef, 0.5 * lam, stream) }.map_err(EwcError::Cuda)?;
     LAST_ORDINAL.store(ordinal, Ordering::Relaxed);

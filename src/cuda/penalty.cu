@@ -3,13 +3,17 @@
 // which travels as the kernel's parameter: no host-to-device copy, no synchronisation).
 //
 // Per element: d = θ − θ*, gradient c·F·d (written, or added to what the target holds), and
-// F·d² summed: in float within a tile, in double across tiles and threads; one double per block
+// F·d² summed. F is a flat buffer of θ*'s dtype, or 8-bit codes decoded in the loop (the `_q8`
+// kernels; the code is src/fisher8.rs's: q = 0 is zero, q ≥ 1 is 2^(lo + (q−1)·step) with the
+// float32 pair (lo, step) of the value's block of 2^block_log2 values of its tensor). Sums run
+// in float within a tile, in double across tiles and threads; one double per block
 // goes to `partials`, and `ewc_penalty_finish` sums those in a fixed order (deterministic).
 // Layout of Item and Table: keep in step with src/cuda/table.rs (checked below and there).
 // `cargo test` also runs this source on the CPU (src/cuda/emulation/: EWC_HOST_EMULATION).
 
 typedef unsigned long long u64;
 typedef unsigned short u16;
+typedef unsigned char u8;
 
 #define EWC_BLOCK 256
 #define EWC_PER_THREAD 8
@@ -20,23 +24,25 @@ struct Item {
     u64 grad;             // gradient target, same dtype
     u64 offset;           // index of the first element in the flat θ* and F buffers
     u64 len;              // elements
+    u64 block;            // 8-bit F: index of this tensor's first scale block (else 0)
     unsigned first_tile;  // this item's first tile among the launch's tiles
     unsigned add;         // 1: add the gradient to the target; 0: overwrite it
 };
 
 struct Table {
     u64 star;      // flat θ*
-    u64 fisher;    // flat F
+    u64 fisher;    // flat F, or F's 8-bit codes
     u64 partials;  // double per block of this launch
+    u64 scales;    // 8-bit F: float32 (lo, step) per scale block (else 0)
     float coef;    // λ × the gradient's scale
     unsigned count;
     unsigned tiles;
-    unsigned pad;
+    unsigned block_log2;  // 8-bit F: log₂ of the scale block's values
     Item items[EWC_MAX_ITEMS];
 };
 
-static_assert(sizeof(Item) == 40, "Item layout: see src/cuda/table.rs");
-static_assert(sizeof(Table) == 40 + 40 * EWC_MAX_ITEMS, "Table layout: see src/cuda/table.rs");
+static_assert(sizeof(Item) == 48, "Item layout: see src/cuda/table.rs");
+static_assert(sizeof(Table) == 48 + 48 * EWC_MAX_ITEMS, "Table layout: see src/cuda/table.rs");
 
 // Element types: load as float, store from float (round to nearest even).
 struct F32 {
@@ -79,6 +85,16 @@ struct BF16 {
     }
 };
 
+// F's value at element j of item `it`: dense (S's dtype) or 8-bit coded.
+template <class S, bool Q8>
+__device__ __forceinline__ float fisher_at(const Table& t, const Item& it, u64 j) {
+    if (!Q8) return S::load((const typename S::T*)t.fisher + it.offset + j);
+    const unsigned q = __ldg((const u8*)t.fisher + it.offset + j);
+    const float* sc = (const float*)t.scales + 2 * (it.block + (j >> t.block_log2));
+    const float f = exp2f(__ldg(sc) + (float)((int)q - 1) * __ldg(sc + 1));
+    return q == 0 ? 0.0f : f;
+}
+
 // The sum over the block, valid in thread 0.
 __device__ __forceinline__ double block_sum(double v) {
     __shared__ double warp_sums[EWC_BLOCK / 32];
@@ -103,10 +119,9 @@ __device__ __forceinline__ unsigned find_item(const Table& t, unsigned tile, uns
     return lo;
 }
 
-template <class P, class S>
+template <class P, class S, bool Q8>
 __device__ __forceinline__ void penalty_pass(const Table& t) {
     const typename S::T* star = (const typename S::T*)t.star;
-    const typename S::T* fisher = (const typename S::T*)t.fisher;
     double acc = 0.0;
     unsigned at = 0;
     for (unsigned tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {
@@ -116,7 +131,6 @@ __device__ __forceinline__ void penalty_pass(const Table& t) {
         const typename P::T* theta = (const typename P::T*)it.param;
         typename P::T* grad = (typename P::T*)it.grad;
         const typename S::T* s = star + it.offset;
-        const typename S::T* f = fisher + it.offset;
         // All loads first (independent, in flight together), then the arithmetic and stores.
         float th[EWC_PER_THREAD], st[EWC_PER_THREAD], fi[EWC_PER_THREAD], old[EWC_PER_THREAD];
 #pragma unroll
@@ -125,7 +139,7 @@ __device__ __forceinline__ void penalty_pass(const Table& t) {
             const bool in = j < it.len;
             th[k] = in ? P::load(theta + j) : 0.0f;
             st[k] = in ? S::load(s + j) : 0.0f;
-            fi[k] = in ? S::load(f + j) : 0.0f;
+            fi[k] = in ? fisher_at<S, Q8>(t, it, j) : 0.0f;
             old[k] = in && it.add ? P::get(grad[j]) : 0.0f;
         }
         float part = 0.0f;
@@ -143,17 +157,23 @@ __device__ __forceinline__ void penalty_pass(const Table& t) {
     if (threadIdx.x == 0) ((double*)t.partials)[blockIdx.x] = acc;
 }
 
-#define EWC_PENALTY_KERNEL(name, P, S)                                                    \
+#define EWC_PENALTY_KERNEL(name, P, S, Q8)                                                \
     extern "C" __global__ void __launch_bounds__(EWC_BLOCK) name(const __grid_constant__ Table t) { \
-        penalty_pass<P, S>(t);                                                            \
+        penalty_pass<P, S, Q8>(t);                                                        \
     }
 
-EWC_PENALTY_KERNEL(ewc_penalty_f32_f32, F32, F32)
-EWC_PENALTY_KERNEL(ewc_penalty_f16_f32, F16, F32)
-EWC_PENALTY_KERNEL(ewc_penalty_bf16_f32, BF16, F32)
-EWC_PENALTY_KERNEL(ewc_penalty_f32_bf16, F32, BF16)
-EWC_PENALTY_KERNEL(ewc_penalty_f16_bf16, F16, BF16)
-EWC_PENALTY_KERNEL(ewc_penalty_bf16_bf16, BF16, BF16)
+EWC_PENALTY_KERNEL(ewc_penalty_f32_f32, F32, F32, false)
+EWC_PENALTY_KERNEL(ewc_penalty_f16_f32, F16, F32, false)
+EWC_PENALTY_KERNEL(ewc_penalty_bf16_f32, BF16, F32, false)
+EWC_PENALTY_KERNEL(ewc_penalty_f32_bf16, F32, BF16, false)
+EWC_PENALTY_KERNEL(ewc_penalty_f16_bf16, F16, BF16, false)
+EWC_PENALTY_KERNEL(ewc_penalty_bf16_bf16, BF16, BF16, false)
+EWC_PENALTY_KERNEL(ewc_penalty_f32_f32_q8, F32, F32, true)
+EWC_PENALTY_KERNEL(ewc_penalty_f16_f32_q8, F16, F32, true)
+EWC_PENALTY_KERNEL(ewc_penalty_bf16_f32_q8, BF16, F32, true)
+EWC_PENALTY_KERNEL(ewc_penalty_f32_bf16_q8, F32, BF16, true)
+EWC_PENALTY_KERNEL(ewc_penalty_f16_bf16_q8, F16, BF16, true)
+EWC_PENALTY_KERNEL(ewc_penalty_bf16_bf16_q8, BF16, BF16, true)
 
 // value[0] = scale × Σ partials, summed in the same order every time. One block.
 extern "C" __global__ void __launch_bounds__(EWC_BLOCK)

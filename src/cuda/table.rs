@@ -1,6 +1,6 @@
 //! The launch tables of the CUDA penalty kernel, built on the host: one item per parameter tensor
-//! (its θ and gradient addresses, its offset in the flat θ*/F buffers, its length), numbered in
-//! tiles, split into launches of at most `max_items` items. The bytes of a table are the kernel's
+//! (its θ and gradient addresses, its offset in the flat θ*/F buffers, its length, its first block
+//! of 8-bit F's scales), numbered in tiles, split into launches of at most `max_items` items. The bytes of a table are the kernel's
 //! parameter (`struct Table` in penalty.cu: keep the two layouts in step).
 
 /// Elements per tile: threads per block × elements per thread (`EWC_TILE` in penalty.cu).
@@ -16,6 +16,7 @@ pub struct Item {
     pub grad: u64,
     pub offset: u64,
     pub len: u64,
+    pub block: u64,
     pub first_tile: u32,
     pub add: u32,
 }
@@ -27,22 +28,29 @@ struct Header {
     star: u64,
     fisher: u64,
     partials: u64,
+    scales: u64,
     coef: f32,
     count: u32,
     tiles: u32,
-    pad: u32,
+    block_log2: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<Item>() == 40 && std::mem::size_of::<Header>() == 40);
+/// Bytes of an item, and of the header.
+const ITEM: usize = 48;
+const HEADER: usize = 48;
+const _: () =
+    assert!(std::mem::size_of::<Item>() == ITEM && std::mem::size_of::<Header>() == HEADER);
 
 /// A parameter tensor to run over: addresses of θ and of the gradient target, its length, its
-/// offset in the flat buffers, and whether the gradient is added to what the target holds.
+/// offset in the flat buffers, the index of its first scale block (8-bit F; 0 otherwise), and
+/// whether the gradient is added to what the target holds.
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
     pub param: u64,
     pub grad: u64,
     pub offset: u64,
     pub len: u64,
+    pub block: u64,
     pub add: bool,
 }
 
@@ -83,6 +91,7 @@ pub fn launches(targets: &[Target], max_items: usize) -> Option<Vec<Launch>> {
             grad: t.grad,
             offset: t.offset,
             len: t.len,
+            block: t.block,
             first_tile: current.tiles,
             add: t.add as u32,
         });
@@ -94,33 +103,44 @@ pub fn launches(targets: &[Target], max_items: usize) -> Option<Vec<Launch>> {
     Some(out)
 }
 
+/// What a table points at besides its items: the flat θ* and F (or F's 8-bit codes), where its
+/// partial sums go, 8-bit F's scales (0 for a dense F) and log₂ of its block size.
+#[derive(Clone, Copy, Debug)]
+pub struct Pointers {
+    pub star: u64,
+    pub fisher: u64,
+    pub partials: u64,
+    pub scales: u64,
+    pub block_log2: u32,
+}
+
 /// The kernel parameter of one launch: header and items, zero-filled to the size of `struct
 /// Table` for `max_items` items.
-pub fn table_bytes(launch: &Launch, buffers: [u64; 3], coef: f32, max_items: usize) -> Vec<u8> {
-    let [star, fisher, partials] = buffers;
+pub fn table_bytes(launch: &Launch, at: Pointers, coef: f32, max_items: usize) -> Vec<u8> {
     let header = Header {
-        star,
-        fisher,
-        partials,
+        star: at.star,
+        fisher: at.fisher,
+        partials: at.partials,
+        scales: at.scales,
         coef,
         count: launch.items.len() as u32,
         tiles: launch.tiles,
-        pad: 0,
+        block_log2: at.block_log2,
     };
     let mut bytes = vec![0u8; table_size(max_items)];
-    // SAFETY: both types are repr(C) plain data without padding (40 bytes each, checked above);
+    // SAFETY: both types are repr(C) plain data without padding (48 bytes each, checked above);
     // the destination ranges lie inside `bytes` (items.len() <= max_items, asserted).
     assert!(launch.items.len() <= max_items);
     unsafe {
         std::ptr::copy_nonoverlapping(
             (&header as *const Header).cast::<u8>(),
             bytes.as_mut_ptr(),
-            40,
+            HEADER,
         );
         std::ptr::copy_nonoverlapping(
             launch.items.as_ptr().cast::<u8>(),
-            bytes.as_mut_ptr().add(40),
-            40 * launch.items.len(),
+            bytes.as_mut_ptr().add(HEADER),
+            ITEM * launch.items.len(),
         );
     }
     bytes
@@ -128,5 +148,5 @@ pub fn table_bytes(launch: &Launch, buffers: [u64; 3], coef: f32, max_items: usi
 
 /// `sizeof(Table)` for `max_items` items.
 pub fn table_size(max_items: usize) -> usize {
-    40 + 40 * max_items
+    HEADER + ITEM * max_items
 }

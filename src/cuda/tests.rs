@@ -1,7 +1,7 @@
 //! What can be checked without a GPU: the launch tables' numbering and bytes, and (where torch's
 //! libnvrtc is found) that NVRTC compiles the kernel source for the architectures we target.
 
-use super::table::{self, launches, table_bytes, Target, TILE};
+use super::table::{self, launches, table_bytes, Pointers, Target, TILE};
 use super::*;
 
 fn target(param: u64, len: u64, offset: u64, add: bool) -> Target {
@@ -10,6 +10,7 @@ fn target(param: u64, len: u64, offset: u64, add: bool) -> Target {
         grad: param + 1_000_000,
         offset,
         len,
+        block: offset / 16,
         add,
     }
 }
@@ -57,26 +58,51 @@ fn launches_split_at_the_table_size() {
 
 #[test]
 fn a_table_has_the_layout_of_the_kernels_struct() {
-    let targets = [target(0x1111, 7, 3, true), target(0x2222, 9, 10, false)];
+    let targets = [target(0x1111, 7, 3, true), target(0x2222, 9, 32, false)];
     let launch = &launches(&targets, 8).unwrap()[0];
-    let bytes = table_bytes(launch, [0xA, 0xB, 0xC], 2.5, 8);
+    let at = Pointers {
+        star: 0xA,
+        fisher: 0xB,
+        partials: 0xC,
+        scales: 0xD,
+        block_log2: 6,
+    };
+    let bytes = table_bytes(launch, at, 2.5, 8);
     assert_eq!(bytes.len(), table::table_size(8));
-    assert_eq!(bytes.len(), 40 + 40 * 8);
+    assert_eq!(bytes.len(), 48 + 48 * 8);
     let u64_at = |o: usize| u64::from_ne_bytes(bytes[o..o + 8].try_into().unwrap());
     let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap());
-    assert_eq!((u64_at(0), u64_at(8), u64_at(16)), (0xA, 0xB, 0xC));
-    assert_eq!(f32::from_ne_bytes(bytes[24..28].try_into().unwrap()), 2.5);
-    assert_eq!((u32_at(28), u32_at(32)), (2, 2), "count, tiles");
-    // item 1 at 40 + 40: param, grad, offset, len, first_tile, add
-    let at = 80;
+    assert_eq!(
+        (u64_at(0), u64_at(8), u64_at(16), u64_at(24)),
+        (0xA, 0xB, 0xC, 0xD)
+    );
+    assert_eq!(f32::from_ne_bytes(bytes[32..36].try_into().unwrap()), 2.5);
+    assert_eq!(
+        (u32_at(36), u32_at(40), u32_at(44)),
+        (2, 2, 6),
+        "count, tiles, block_log2"
+    );
+    // item 1 at 48 + 48: param, grad, offset, len, block, first_tile, add
+    let at = 96;
     assert_eq!(u64_at(at), 0x2222);
     assert_eq!(u64_at(at + 8), 0x2222 + 1_000_000);
-    assert_eq!((u64_at(at + 16), u64_at(at + 24)), (10, 9));
-    assert_eq!((u32_at(at + 32), u32_at(at + 36)), (1, 0));
+    assert_eq!((u64_at(at + 16), u64_at(at + 24)), (32, 9));
+    assert_eq!(u64_at(at + 32), 2, "first scale block");
+    assert_eq!((u32_at(at + 40), u32_at(at + 44)), (1, 0));
     assert!(
-        bytes[120..].iter().all(|&b| b == 0),
+        bytes[144..].iter().all(|&b| b == 0),
         "unused items are zero"
     );
+}
+
+#[test]
+fn the_largest_tables_fit_the_kernel_parameter_limits() {
+    use super::kernels::{ITEMS_LARGE, ITEMS_SMALL};
+    assert!(
+        table::table_size(ITEMS_LARGE) <= 32_764,
+        "CUDA 12.1+ drivers"
+    );
+    assert!(table::table_size(ITEMS_SMALL) <= 4_096, "older drivers");
 }
 
 #[test]
@@ -113,13 +139,13 @@ fn nvrtc_compiles_the_kernel_for_each_target_architecture() {
     };
     set_nvrtc_dir(dir);
     for cc in [75, 80, 90] {
-        for max_items in [96, 768] {
+        for max_items in [super::kernels::ITEMS_SMALL, super::kernels::ITEMS_LARGE] {
             let (label, size) = compile_only(cc, max_items).unwrap_or_else(|e| panic!("{e}"));
             assert!(label.starts_with(&format!("sm_{cc} cubin")), "{label}");
             assert!(size > 1000, "{label}: {size} bytes");
         }
     }
     // An architecture newer than this NVRTC knows gets PTX for the newest one it knows.
-    let (label, _) = compile_only(990, 768).unwrap();
+    let (label, _) = compile_only(990, super::kernels::ITEMS_LARGE).unwrap();
     assert!(label.contains("PTX"), "{label}");
 }

@@ -1,6 +1,8 @@
 //! The CPU pass over raw memory: per element d = θ − θ*, g = c·F·d (written or added), and
-//! Σ F d² (f32 per block of 256, f64 overall), multi-threaded over work items.
+//! Σ F d² (f32 per block of 256, f64 overall), multi-threaded over work items. F is a flat buffer
+//! of θ*'s dtype (`run`) or 8-bit codes with their block scales (`run_coded`, `crate::fisher8`).
 
+use crate::fisher8;
 use crate::memory::Addr;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -49,16 +51,18 @@ pub enum GradWrite {
 }
 
 /// One parameter tensor as the kernel sees it: its elements at `param`, its gradient target at
-/// `grad`, and how the gradient is written.
+/// `grad`, how the gradient is written, and (8-bit F) the index of its first block of scales.
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
     pub param: Addr,
     pub grad: Addr,
     pub write: GradWrite,
+    pub block: usize,
 }
 
 /// One work item: `len` elements of a target from element `start` on, matching the flat θ* and
-/// F buffers at `offset`.
+/// F buffers at `offset`; with 8-bit F, `block` is the scale block of its first element (items
+/// start at multiples of `CHUNK`, which every block size divides).
 #[derive(Clone, Copy, Debug)]
 pub struct Item {
     pub param: Addr,
@@ -66,11 +70,19 @@ pub struct Item {
     pub write: GradWrite,
     pub offset: usize,
     pub len: usize,
+    pub block: usize,
 }
 
 /// Splits a target of `numel` elements of `elt` bytes each, whose θ*/F start at `offset`, into
-/// items of at most `CHUNK` elements.
-pub fn push_items(items: &mut Vec<Item>, target: Target, offset: usize, numel: usize, elt: usize) {
+/// items of at most `CHUNK` elements; `block_log2`: log₂ of the 8-bit F's block size (0 for a
+/// float F).
+pub fn push_items(
+    items: &mut Vec<Item>,
+    target: Target,
+    (offset, numel): (usize, usize),
+    elt: usize,
+    block_log2: u32,
+) {
     let mut start = 0;
     while start < numel {
         let len = CHUNK.min(numel - start);
@@ -80,6 +92,7 @@ pub fn push_items(items: &mut Vec<Item>, target: Target, offset: usize, numel: u
             write: target.write,
             offset: offset + start,
             len,
+            block: target.block + (start >> block_log2),
         });
         start += len;
     }
@@ -143,6 +156,144 @@ pub unsafe fn run<P: Elem, S: Elem>(items: &[Item], star: Addr, fisher: Addr, gl
     } else {
         tasks.par_iter().map(task).sum()
     }
+}
+
+/// `run` with F as 8-bit codes (one byte per element, at `codes`) and float32 `(lo, step)` pairs
+/// per block of `1 << block_log2` codes (at `scales`); returns Σ F d².
+///
+/// # Safety
+/// As `run`, with `codes` holding `offset + len` bytes for every item and `scales` a pair for
+/// each block up to every item's `block + ceil(len / block size)`.
+pub unsafe fn run_coded<P: Elem, S: Elem>(
+    items: &[Item],
+    star: Addr,
+    (codes, scales, block_log2): (Addr, Addr, u32),
+    glam: f32,
+) -> f64 {
+    let wide = wide_simd();
+    let bs = 1usize << block_log2;
+    let task = |range: &Range<usize>| -> f64 {
+        items[range.clone()]
+            .iter()
+            .map(|it| {
+                let nb = it.len.div_ceil(bs);
+                // SAFETY: the caller's contract above.
+                let (theta, s, q, sc, g) = unsafe {
+                    (
+                        std::slice::from_raw_parts(it.param.as_ptr::<P>(), it.len),
+                        std::slice::from_raw_parts(star.as_ptr::<S>().add(it.offset), it.len),
+                        std::slice::from_raw_parts(codes.as_ptr::<u8>().add(it.offset), it.len),
+                        std::slice::from_raw_parts(
+                            scales.as_ptr::<f32>().add(2 * it.block),
+                            2 * nb,
+                        ),
+                        std::slice::from_raw_parts_mut(it.grad.as_ptr::<P>(), it.len),
+                    )
+                };
+                let coded = Coded {
+                    codes: q,
+                    scales: sc,
+                    block: bs,
+                };
+                match (wide, it.write == GradWrite::Add) {
+                    // SAFETY: `wide` is true only where the CPU has AVX2 and FMA.
+                    (true, true) => unsafe {
+                        coded_sum_avx2::<P, S, true>(theta, s, coded, g, glam)
+                    },
+                    (true, false) => unsafe {
+                        coded_sum_avx2::<P, S, false>(theta, s, coded, g, glam)
+                    },
+                    (false, true) => coded_sum::<P, S, true>(theta, s, coded, g, glam),
+                    (false, false) => coded_sum::<P, S, false>(theta, s, coded, g, glam),
+                }
+            })
+            .sum::<f64>()
+    };
+    let tasks = tasks(items);
+    if tasks.len() <= 1 {
+        tasks.iter().map(task).sum()
+    } else {
+        tasks.par_iter().map(task).sum()
+    }
+}
+
+/// One item's 8-bit F: its codes, the scale pairs of its blocks, and the block size.
+#[derive(Clone, Copy)]
+struct Coded<'a> {
+    codes: &'a [u8],
+    scales: &'a [f32],
+    block: usize,
+}
+
+/// `coded_sum` compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn coded_sum_avx2<P: Elem, S: Elem, const ACC: bool>(
+    theta: &[P],
+    star: &[S],
+    fisher: Coded<'_>,
+    grad: &mut [P],
+    glam: f32,
+) -> f64 {
+    coded_sum::<P, S, ACC>(theta, star, fisher, grad, glam)
+}
+
+/// `block_sum` with F decoded from its codes on the fly, one scale block at a time (each value
+/// 2^(lo + (q−1)·step), 0 for code 0: `fisher8::decode`, branch-free so that it vectorises).
+#[inline(always)]
+fn coded_sum<P: Elem, S: Elem, const ACC: bool>(
+    theta: &[P],
+    star: &[S],
+    fisher: Coded<'_>,
+    grad: &mut [P],
+    glam: f32,
+) -> f64 {
+    let n = theta.len();
+    let (star, codes, grad) = (&star[..n], &fisher.codes[..n], &mut grad[..n]);
+    let out = |g: P, fd: f32| -> P {
+        if ACC {
+            P::put(g.get() + glam * fd)
+        } else {
+            P::put(glam * fd)
+        }
+    };
+    let sub = fisher.block.min(BLOCK);
+    let mut total = 0f64;
+    let mut start = 0;
+    while start < n {
+        let end = (start + sub).min(n);
+        let b = start / fisher.block;
+        let (lo, step) = (fisher.scales[2 * b], fisher.scales[2 * b + 1]);
+        let mut lanes = [0f32; LANES];
+        let mut i = start;
+        while i + LANES <= end {
+            let t: &[P; LANES] = theta[i..i + LANES].try_into().unwrap();
+            let s: &[S; LANES] = star[i..i + LANES].try_into().unwrap();
+            let q: &[u8; LANES] = codes[i..i + LANES].try_into().unwrap();
+            let g: &mut [P; LANES] = (&mut grad[i..i + LANES]).try_into().unwrap();
+            for l in 0..LANES {
+                let f = fisher8::decode(q[l], lo, step);
+                let d = t[l].get() - s[l].get();
+                let fd = f * d;
+                lanes[l] += fd * d;
+                g[l] = out(g[l], fd);
+            }
+            i += LANES;
+        }
+        while i < end {
+            let f = fisher8::decode(codes[i], lo, step);
+            let d = theta[i].get() - star[i].get();
+            let fd = f * d;
+            lanes[0] += fd * d;
+            grad[i] = out(grad[i], fd);
+            i += 1;
+        }
+        total += lanes.iter().map(|&x| x as f64).sum::<f64>();
+        start = end;
+    }
+    total
 }
 
 /// Whether this CPU runs the AVX2+FMA build of the loop (checked at run time, so one wheel
@@ -240,12 +391,13 @@ mod tests {
             param: at,
             grad: at,
             write: GradWrite::Overwrite,
+            block: 0,
         };
         let mut items = Vec::new();
         for i in 0..10 {
-            push_items(&mut items, target, i * 10_000, 10_000, 4);
+            push_items(&mut items, target, (i * 10_000, 10_000), 4, 0);
         }
-        push_items(&mut items, target, 100_000, 3 * CHUNK + 5, 4);
+        push_items(&mut items, target, (100_000, 3 * CHUNK + 5), 4, 0);
         let t = tasks(&items);
         // every item in exactly one task, in order
         let covered: Vec<usize> = t.iter().flat_map(|r| r.clone()).collect();

@@ -33,9 +33,11 @@ void run_grid(unsigned grid, const std::function<void()>& body) {
 }  // namespace
 
 extern "C" int ewc_emulate_penalty(int variant, const void* table, unsigned grid) {
-    void (*kernels[6])(const Table) = {ewc_penalty_f32_f32, ewc_penalty_f16_f32,  ewc_penalty_bf16_f32,
-                                       ewc_penalty_f32_bf16, ewc_penalty_f16_bf16, ewc_penalty_bf16_bf16};
-    if (variant < 0 || variant >= 6) return 1;
+    void (*kernels[12])(const Table) = {
+        ewc_penalty_f32_f32,    ewc_penalty_f16_f32,    ewc_penalty_bf16_f32,    ewc_penalty_f32_bf16,
+        ewc_penalty_f16_bf16,   ewc_penalty_bf16_bf16,  ewc_penalty_f32_f32_q8,  ewc_penalty_f16_f32_q8,
+        ewc_penalty_bf16_f32_q8, ewc_penalty_f32_bf16_q8, ewc_penalty_f16_bf16_q8, ewc_penalty_bf16_bf16_q8};
+    if (variant < 0 || variant >= 12) return 1;
     const Table& t = *static_cast<const Table*>(table);
     run_grid(grid, [&] { kernels[variant](t); });
     return 0;

@@ -4,6 +4,7 @@
 // extension never compiles this.
 #pragma once
 #include <barrier>
+#include <cmath>  // exp2f
 #include <cstring>
 
 #define EWC_HOST_EMULATION 1
