@@ -132,12 +132,11 @@ def penalty(
     lam: float,
     out: Optional[torch.Tensor] = None,
     *,
-    fisher_scales: Optional[torch.Tensor] = None,
-    fisher_block: int = 0,
+    fisher_code: Optional[tuple[torch.Tensor, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(λ/2) Σ F (θ−θ*)² as a 0-d tensor, λF(θ−θ*) as one flat tensor (``out`` if given), and
-    that tensor's views shaped like each parameter. With ``fisher_scales``, ``fisher`` is 8-bit
-    codes (``fisher8_quantize`` of each parameter's F, concatenated) in blocks of ``fisher_block``."""
+    that tensor's views shaped like each parameter. With ``fisher_code=(scales, block)``,
+    ``fisher`` is 8-bit codes (``fisher8_quantize`` of each parameter's F, concatenated)."""
 
 def penalty_add_to_grads(
     params: Sequence[torch.Tensor],
@@ -146,16 +145,13 @@ def penalty_add_to_grads(
     lam: float,
     scale: float,
     *,
-    fisher_scales: Optional[torch.Tensor] = None,
-    fisher_block: int = 0,
+    fisher_code: Optional[tuple[torch.Tensor, int]] = None,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """Adds ``scale``·λF(θ−θ*) into the parameters' ``.grad`` in place (CPU, CUDA); returns the penalty
     and ``(index, gradient)`` for each parameter whose ``.grad`` was absent or not writable in
     place, for the caller to install or add."""
 
-def fisher8_quantize(
-    fisher: torch.Tensor, block: int, range: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fisher8_quantize(fisher: torch.Tensor, block: int, range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8-bit log code of ``fisher`` (flattened): flat uint8 codes and float32 ``(lo, step)``
     scales shaped ``[ceil(numel / block), 2]``; values more than ``range`` binades below their
     block's maximum flush to code 0."""

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import _options as options
+from ._blocks.fisher8 import check_bits
 from ._fisher.options import DEFAULTS, parse_options
 from ._norm_stats import NormStatsFreezer
 from ._options import ParamSelector, check_choice, check_lam
@@ -60,6 +61,10 @@ class EWC:
         storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for the curvature and θ*: half the memory,
             each value off by up to 2⁻⁸ (≈0.4%) of its magnitude (``tests/facade/test_ewc.py``).
         structure: ``"diag"`` (default), ``"kfac"`` (Kronecker factors) or ``"ekfac"`` (eigenvalue-corrected).
+        fisher_bits: None (default: the diagonal F in ``storage_dtype``) or 8: the diagonal F (also
+            KFAC's diagonal rest) in 8 bits, a log code with a scale pair per 64 values (1.125
+            bytes a parameter) read directly by the fused penalty; θ* in ``storage_dtype``; online folding
+            in float32. Errors: ``benchmarks/fisher8_codes.py``. Not for FSDP2-sharded parameters.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class EWC:
         norm_stats: str = "freeze",
         storage_dtype: Optional[torch.dtype] = None,
         structure: str = "diag",
+        fisher_bits: Optional[int] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -81,6 +87,7 @@ class EWC:
         self.gamma = options.check_gamma(gamma)
         policy = options.check_choice("norm_stats", norm_stats, options.NORM_STATS)
         self.storage_dtype = options.check_storage(storage_dtype)
+        self.fisher_bits = check_bits(fisher_bits)
         self._selector = options.make_selector(params)
         self.structure = check_structure(structure, model, self._selector)  # "kfac": says which layers stay diagonal
         self._model = model
@@ -133,10 +140,9 @@ class EWC:
         self._add(task_from_fisher(self._model, keep, fisher, theta_star, self.structure, self.storage_dtype))
 
     def _add(self, new: Task) -> None:
-        self._tasks, self._cached_plan = (
-            add_task(self._tasks, new, online=self.mode == "online", gamma=self.gamma),
-            None,
-        )
+        online = self.mode == "online"
+        self._tasks = add_task(self._tasks, new, online=online, gamma=self.gamma, fisher_bits=self.fisher_bits)
+        self._cached_plan = None
         self._norm_stats.install()
 
     @property
@@ -226,6 +232,7 @@ class EWC:
         loaded = persistence.from_state_dict(state, self._model)
         self.lam, self.mode, self.gamma = loaded.lam, loaded.mode, loaded.gamma
         self.storage_dtype, self.structure = loaded.storage_dtype, loaded.structure
+        self.fisher_bits = loaded.fisher_bits
         self._norm_stats.set_policy(loaded.norm_stats)
         self._tasks, self._cached_plan = loaded.tasks, None
         if self._tasks:
@@ -254,8 +261,8 @@ class EWC:
 
     def _state(self) -> persistence.EWCState:
         config = (self.lam, self.mode, self.gamma, self.norm_stats, self.storage_dtype, list(self._tasks))
-        return persistence.EWCState(*config, structure=self.structure)
+        return persistence.EWCState(*config, structure=self.structure, fisher_bits=self.fisher_bits)
 
     def __repr__(self) -> str:
-        config = f"lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}"
-        return f"EWC({config}, norm_stats={self.norm_stats!r}, storage_dtype={self.storage_dtype})"
+        config = f"lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, tasks={self.num_tasks}, norm_stats="
+        return f"EWC({config}{self.norm_stats!r}, storage_dtype={self.storage_dtype}, fisher_bits={self.fisher_bits})"

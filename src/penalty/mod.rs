@@ -149,12 +149,12 @@ fn validate(params: &[Tensor], star: &Tensor, fisher: Fisher<'_>) -> Result<(Kin
                 .sum();
             if scales.kind() != Kind::Float || scales.size() != [nb, 2] || !scales.is_contiguous() {
                 return value_err(format!(
-                    "fisher_scales: expected contiguous float32 of shape [{nb}, 2] (the parameters' blocks of {block}), got {:?} of shape {:?}",
+                    "fisher_code: expected scales of contiguous float32 of shape [{nb}, 2] (the parameters' blocks of {block}), got {:?} of shape {:?}",
                     scales.kind(),
                     scales.size()
                 ));
             }
-            for (name, t) in [("fisher", codes), ("fisher_scales", scales)] {
+            for (name, t) in [("fisher", codes), ("fisher_code (scales)", scales)] {
                 if t.device() != device {
                     return value_err(format!(
                         "{name}: expected a tensor on {device:?} like the parameters, got {:?}",
@@ -746,7 +746,7 @@ mod tests {
             block: 16,
         };
         let err = penalty(&params, &star, fisher, 1.0, None).err().unwrap();
-        assert!(err.to_string().contains("fisher_scales"), "{err}");
+        assert!(err.to_string().contains("fisher_code"), "{err}");
         let fisher = Fisher::Coded {
             codes: &codes,
             scales: &scales,

@@ -137,3 +137,23 @@ def test_bench_kfac_runs_and_agrees(tmp_path: Path) -> None:
             for what in ("A", "G", "A_normalised", "G_normalised"):
                 if what in errs:
                     assert errs[what] < 1e-3, f"{lib} layer {layer} {what}: {errs[what]}"
+
+
+def test_fisher8_codes_measures_the_implementation_as_the_emulation(tmp_path: Path) -> None:
+    """Tiny trained models: the chosen 8-bit code, read by the fused penalty, is within the issue's
+    limits of the float32 F and gives the figures of the script's float64 emulation of that code."""
+    import pytest
+
+    from real_data import missing_reason, real_data_root
+
+    if real_data_root() is None:
+        pytest.skip(missing_reason())
+    pytest.importorskip("transformers", reason="fisher8_codes.py builds GPT-2 with transformers")
+    pytest.importorskip("torchvision", reason="fisher8_codes.py builds ResNet-18 with torchvision")
+    res = run("fisher8_codes.py", ["--quick", "--cache", str(tmp_path / "cache")], tmp_path / "out")
+    assert sorted(res["models"]) == ["gpt2", "mlp", "resnet18"]
+    for name, m in res["models"].items():
+        impl = m["implementation"]
+        assert impl["penalty_err"] <= 0.01 and impl["grad_err"] <= 0.02, (name, impl)
+        (row,) = [r for r in m["rows"] if r["code"] == "log" and r["B"] == impl["B"] and r["R"] == impl["R"]]
+        assert abs(impl["grad_err"] - row["grad_err"]) <= 0.02 * row["grad_err"] + 1e-6, (name, impl, row)

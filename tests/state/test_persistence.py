@@ -117,7 +117,8 @@ def _bad_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return fn
 
     return {
-        "version 3": variant(lambda s: s.update(version=3)),
+        "a future version": variant(lambda s: s.update(version=99)),
+        "fisher_bits 4": variant(lambda s: s.update(fisher_bits=4)),
         "no version": variant(lambda s: s.pop("version")),
         "not a dict": [state],  # type: ignore[dict-item]
         "star misses a key": variant(lambda s: s["tasks"][0]["star"].pop(first)),

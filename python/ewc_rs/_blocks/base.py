@@ -79,6 +79,11 @@ class Block(ABC):
     def cast(self, dtype: torch.dtype) -> Block:
         """The same block stored in ``dtype`` (the ``storage_dtype``)."""
 
+    def with_fisher_bits(self, bits: Optional[int]) -> Block:
+        """The block with its F stored in ``bits`` bits (None: in the storage dtype); kinds
+        without an 8-bit form return themselves."""
+        return self
+
     @abstractmethod
     def fold(self, old: Optional[Block], gamma: float) -> Block:
         """Online EWC: the block standing for γ·``old`` + this one (``old``: the same kind's block

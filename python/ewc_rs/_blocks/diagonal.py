@@ -4,7 +4,8 @@ Penalty (λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², gradient λ Σ_t F_t (θ �
 stored tasks into one quadratic per weight, θ* and F as flat buffers per *bucket* (the parameters
 that share a device, dtype and sharding), so that a step costs one Rust pass per bucket whatever
 the number of tasks (``_core.penalty``; ``_core.penalty_add_to_grads`` writes into ``.grad``).
-Online folding: F ← γ F_old + F_new (summed in float32).
+Online folding: F ← γ F_old + F_new (summed in float32). F may be stored in 8 bits
+(:mod:`.fisher8`, ``EWC(fisher_bits=8)``): the pass then reads the codes and their block scales.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torch import nn
 
 from .. import _core
 from .._parallel import collectives, sharding
+from . import fisher8
 from .base import Block, Entry, Evaluation, add_grad
+from .fisher8 import Fisher8, FisherValue
 
 # Count of owners of a tensor's storage (torch is pinned, so the private helper is stable).
 _storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
@@ -36,9 +39,10 @@ def _sole_owner(buffer: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Diagonal(Block):
-    """F per element of each covered parameter, by name (F of θ*'s shape; FSDP2: DTensors)."""
+    """F per element of each covered parameter, by name (F of θ*'s shape, in the storage dtype or
+    8-bit; FSDP2: DTensors)."""
 
-    fisher: dict[str, torch.Tensor]
+    fisher: Mapping[str, FisherValue]
 
     kind: ClassVar[str] = "diagonal"
 
@@ -50,47 +54,93 @@ class Diagonal(Block):
         return Diagonal({n: f.to(device) for n, f in self.fisher.items()})
 
     def cast(self, dtype: torch.dtype) -> Diagonal:
-        return Diagonal({n: f.to(dtype) for n, f in self.fisher.items()})
+        """The dense F in ``dtype``; 8-bit F stays as it is."""
+        return Diagonal({n: f if isinstance(f, Fisher8) else f.to(dtype) for n, f in self.fisher.items()})
+
+    def with_fisher_bits(self, bits: Optional[int]) -> Diagonal:
+        """F in 8 bits (``bits=8``) or decoded into float32 (None), per parameter.
+
+        Raises:
+            ValueError: 8 bits for an FSDP2-sharded F (not supported).
+        """
+        if bits is None:
+            return Diagonal({n: fisher8.dense(f) if isinstance(f, Fisher8) else f for n, f in self.fisher.items()})
+        out: dict[str, FisherValue] = {}
+        for n, f in self.fisher.items():
+            if isinstance(f, Fisher8):
+                out[n] = f
+            elif sharding.is_sharded(f):
+                raise ValueError(
+                    f"fisher_bits: an 8-bit F is not supported for FSDP2-sharded parameters ('{n}'); "
+                    "use fisher_bits=None"
+                )
+            else:
+                out[n] = Fisher8.of(f)
+        return Diagonal(out)
 
     def fold(self, old: Optional[Block], gamma: float) -> Diagonal:
-        """F ← γ F_old + F_new per parameter of this block; a parameter whose shape changed since
-        ``old`` (or that ``old`` lacks) starts afresh from its new F."""
+        """F ← γ F_old + F_new per parameter of this block, in float32 (an 8-bit F decoded first;
+        the result is dense, stored again as the EWC's ``fisher_bits`` say); a parameter whose
+        shape changed since ``old`` (or that ``old`` lacks) starts afresh from its new F."""
         if not isinstance(old, Diagonal):
             return self
         fisher = dict(self.fisher)
         for n, f in self.fisher.items():
             prev = old.fisher.get(n)
             if prev is not None and prev.shape == f.shape:
-                fisher[n] = (gamma * prev.to(f.device, torch.float32) + f.float()).to(f.dtype)
+                dtype = torch.float32 if isinstance(f, Fisher8) else f.dtype
+                new = fisher8.dense(f) if isinstance(f, Fisher8) else f.float()
+                fisher[n] = (gamma * fisher8.dense(prev).to(new.device) + new).to(dtype)
         return Diagonal(fisher)
 
     def misfit(self, model: nn.Module, named: Mapping[str, nn.Parameter]) -> Optional[str]:
         return None  # F has θ*'s shape, which the task checks against the model
 
     def to_state(self) -> dict[str, Any]:
-        return dict(self.fisher)
+        return {n: f.to_state() if isinstance(f, Fisher8) else f for n, f in self.fisher.items()}
 
     @classmethod
     def from_state(cls, payload: Any, where: str, storage: torch.dtype, star: Mapping[str, Any]) -> Diagonal:
         if not isinstance(payload, dict):
             raise ValueError(f"state: {where}: '{cls.kind}' must map parameter names to F")
+        out: dict[str, FisherValue] = {}
         for n, f in payload.items():
+            if isinstance(f, dict):
+                out[n] = Fisher8.from_state(f, f"{where}, parameter '{n}'")
+                continue
             if not isinstance(f, torch.Tensor):
-                raise ValueError(f"state: {where}, parameter '{n}': F must be a tensor")
+                raise ValueError(f"state: {where}, parameter '{n}': F must be a tensor (or an 8-bit F's dict)")
             local = sharding.local(f)  # this rank's part (the other ranks check theirs)
             if not torch.isfinite(local.float()).all():
                 raise ValueError(f"state: {where}, parameter '{n}': F has non-finite values")
             if (local < 0).any():
                 raise ValueError(f"state: {where}, parameter '{n}': F has negative values")
-        return Diagonal({n: f.detach().to(storage) for n, f in payload.items()})
+            out[n] = f.detach().to(storage)
+        return Diagonal(out)
 
     def to_tensors(self) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """Dense F as ``"{i}"``; 8-bit F as ``"{i}.codes"``, ``"{i}.scales"`` and ``"{i}.block"`` (0-d int64)."""
         names = sorted(self.fisher)
-        return names, {str(i): sharding.gather(self.fisher[n]).detach().cpu().contiguous() for i, n in enumerate(names)}
+        tensors = {}
+        for i, n in enumerate(names):
+            f = self.fisher[n]
+            if isinstance(f, Fisher8):
+                tensors[f"{i}.codes"] = f.codes.detach().cpu().contiguous()
+                tensors[f"{i}.scales"] = f.scales.detach().cpu().contiguous()
+                tensors[f"{i}.block"] = torch.tensor(f.block, dtype=torch.int64)
+            else:
+                tensors[str(i)] = sharding.gather(f).detach().cpu().contiguous()
+        return names, tensors
 
     @classmethod
     def from_tensors(cls, layout: Sequence[str], get: Callable[[str], torch.Tensor]) -> Any:
-        return {n: get(str(i)) for i, n in enumerate(layout)}
+        def one(i: int) -> Any:
+            try:
+                return get(str(i))
+            except ValueError:  # not dense: the 8-bit form (its keys' absence is reported by name)
+                return {"codes": get(f"{i}.codes"), "scales": get(f"{i}.scales"), "block": get(f"{i}.block")}
+
+        return {n: one(i) for i, n in enumerate(layout)}
 
     @classmethod
     def term(
@@ -99,7 +149,11 @@ class Diagonal(Block):
         return DiagonalTerm.build(model, named, entries, storage)
 
     def placed(self, named: Mapping[str, nn.Parameter]) -> Diagonal:
-        return Diagonal(place(self.fisher, named))
+        dense = {n: f for n, f in self.fisher.items() if isinstance(f, torch.Tensor)}
+        coded = {n: f.to(named[n].device) for n, f in self.fisher.items() if isinstance(f, Fisher8)}
+        if coded and any(sharding.is_sharded(named[n]) for n in coded):
+            raise ValueError("state: an 8-bit F cannot be placed on FSDP2-sharded parameters (not supported)")
+        return Diagonal({**place(dense, named), **coded})
 
 
 def place(tensors: Mapping[str, torch.Tensor], named: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -140,9 +194,13 @@ class Bucket:
     device: torch.device
     dtype: torch.dtype
     star: torch.Tensor
+    #: The flat F in the storage dtype, or (``scales`` given) the flat 8-bit codes.
     fisher: torch.Tensor
     #: FSDP2 parameters (DTensors): ``star`` and ``fisher`` hold this rank's shards only.
     sharded: bool = False
+    #: 8-bit F: each parameter's blocks' ``(lo, step)`` in order (``[blocks, 2]`` float32), and the block size.
+    scales: Optional[torch.Tensor] = None
+    block: int = 0
     # The last gradient buffer. Reused when nothing else holds it any more (the usual case once
     # `zero_grad()` dropped the `.grad` views): a fresh allocation of a large buffer costs page
     # faults that take longer than the pass itself.
@@ -150,10 +208,14 @@ class Bucket:
 
     def evaluate(self, lam: float, *, reuse: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         out = self.buffer if reuse and self.buffer is not None and _sole_owner(self.buffer) else None
-        value, flat, views = _core.penalty(self.locals(), self.star, self.fisher, lam, out)
+        value, flat, views = _core.penalty(self.locals(), self.star, self.fisher, lam, out, **self.coded())
         if reuse:
             self.buffer = flat
         return value, flat, views
+
+    def coded(self) -> dict[str, Any]:
+        """The native pass's keyword arguments for an 8-bit F (none for a dense one)."""
+        return {} if self.scales is None else {"fisher_code": (self.scales, self.block)}
 
     def locals(self) -> list[torch.Tensor]:
         """The parameters as the Rust pass reads them: this rank's shards of DTensors."""
@@ -205,8 +267,18 @@ class DiagonalTerm:
             by_bucket.setdefault((p.device, p.dtype, sharding.is_sharded(p)), []).append(i)
         buckets, consts = [], [0.0, 0.0]  # plain, sharded
         for (device, dtype, sharded), index in by_bucket.items():
-            stars, fishers = [], []
+            stored = [fisher[names[i]] for fisher, _ in pairs for i in index if names[i] in fisher]
+            block = next((f.block for f in stored if isinstance(f, Fisher8)), 0)
+            stars, fishers, scales = [], [], []
             for i in index:
+                one = [(f[names[i]], s) for f, s in pairs if names[i] in f]
+                f8, star = one[-1]
+                if block and len(one) == 1 and isinstance(f8, Fisher8) and f8.block == block:
+                    # one task's 8-bit F: its codes as they are, no float copy
+                    stars.append(sharding.local(star[names[i]]).to(device).reshape(-1))
+                    fishers.append(f8.codes.to(device).reshape(-1))
+                    scales.append(f8.scales.to(device))
+                    continue
                 m, f_tot, c = _fold_parameter(pairs, names[i], device)
                 if m.shape != sharding.local(params[i]).shape:
                     raise ValueError(
@@ -215,7 +287,12 @@ class DiagonalTerm:
                     )
                 consts[sharded] += c
                 stars.append(m.reshape(-1))
-                fishers.append(f_tot.reshape(-1))
+                if block:  # several tasks (or another block size): their folded F, coded again
+                    folded = Fisher8.of(f_tot, block)
+                    fishers.append(folded.codes.reshape(-1))
+                    scales.append(folded.scales)
+                else:
+                    fishers.append(f_tot.reshape(-1))
             buckets.append(
                 Bucket(
                     index=index,
@@ -223,8 +300,10 @@ class DiagonalTerm:
                     device=device,
                     dtype=dtype,
                     star=torch.cat(stars).to(storage),
-                    fisher=torch.cat(fishers).to(storage),
+                    fisher=torch.cat(fishers) if block else torch.cat(fishers).to(storage),
                     sharded=sharded,
+                    scales=torch.cat(scales) if block else None,
+                    block=block,
                 )
             )
         group = collectives.mesh_group(params)
@@ -275,16 +354,16 @@ class DiagonalTerm:
         for b in self.buckets:
             params = b.params
             if b.sharded:  # this rank's shards: flat gradient, added to the DTensor .grad's local part
-                value, flat, views = _core.penalty(b.locals(), b.star, b.fisher, lam)
+                value, flat, views = _core.penalty(b.locals(), b.star, b.fisher, lam, **b.coded())
                 if scale != 1.0:
                     flat.mul_(scale)
                 sharding.add_local_grads(params, views)
                 values.append(value)
                 continue
             if b.device.type in ("cpu", "cuda"):  # one fused pass straight into the .grad memory
-                value, pending = _core.penalty_add_to_grads(params, b.star, b.fisher, lam, scale)
+                value, pending = _core.penalty_add_to_grads(params, b.star, b.fisher, lam, scale, **b.coded())
             else:  # flat gradient, then one multi-tensor add
-                value, flat, views = _core.penalty(params, b.star, b.fisher, lam)
+                value, flat, views = _core.penalty(params, b.star, b.fisher, lam, **b.coded())
                 if scale != 1.0:
                     flat.mul_(scale)
                 wants = [i for i, p in enumerate(params) if p.requires_grad]
@@ -298,6 +377,11 @@ class DiagonalTerm:
         return self._value(values, lam)
 
 
+def _local(f: FisherValue) -> FisherValue:
+    """This rank's part of a dense F (an 8-bit F is never sharded)."""
+    return f if isinstance(f, Fisher8) else sharding.local(f)
+
+
 def _sum(values: list[torch.Tensor]) -> torch.Tensor:
     total = values[0]
     for v in values[1:]:
@@ -306,12 +390,12 @@ def _sum(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _fold_parameter(
-    pairs: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]], name: str, device: torch.device
+    pairs: Sequence[tuple[Mapping[str, FisherValue], Mapping[str, torch.Tensor]]], name: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(m, F, c) of one parameter over the tasks whose ``(F, θ*)`` store it, in float64 on ``device``."""
     terms = [
         (
-            sharding.local(fisher[name]).to(device, torch.float64),
+            fisher8.dense(_local(fisher[name]), torch.float64).to(device),
             sharding.local(star[name]).to(device, torch.float64),
         )
         for fisher, star in pairs

@@ -5,7 +5,8 @@ Version 1 (ewc_rs 0.1.0 before the block model): the state dict's tasks under ``
 ``structure="kfac"``; its file held ``"{t}.fisher.{i}"``/``"{t}.star.{i}"`` for the i-th name of
 the task's ``"layout"`` entry and ``"{t}.kron.{j}.A"``/``".G"`` for the j-th layer of its
 ``"kron_layout"`` entry. Version 2 keeps each block kind's payload under the kind's name.
-Test data written by version 1: ``tests/state/data_v1/``.
+Version 3 adds ``"fisher_bits"`` (None before: F in the storage dtype). Test data written by
+earlier versions: ``tests/state/data_v1/``, ``tests/state/data_v2/``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,22 @@ _V1_KINDS = {"fisher": "diagonal", "kron": "kronecker"}
 
 
 def migrate(state: dict[str, Any]) -> dict[str, Any]:
-    """A state dict of any known version, as the current version (2) lays it out.
+    """A state dict of any known version, as the current version (3) lays it out.
 
     Args:
         state: a state dict (checked afterwards; what this does not recognise is left for the check).
 
     Returns:
-        A new dict (tensors shared), or ``state`` itself when it is not of version 1.
+        A new dict (tensors shared), or ``state`` itself when it is of no earlier version.
     """
-    if state.get("version") != 1:
-        return state
+    if state.get("version") == 1:
+        state = _v1_to_v2(state)
+    if state.get("version") == 2:
+        state = {**state, "version": 3, "fisher_bits": None}
+    return state
+
+
+def _v1_to_v2(state: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in state.items() if k != "pairs"}
     out["version"] = 2
     out.setdefault("structure", "diag")

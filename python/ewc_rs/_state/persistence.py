@@ -1,10 +1,11 @@
 """``EWC``'s state: the ``state_dict`` format, its checks, and the safetensors file.
 
-State dict, version 2: ``{"version", "lam", "mode", "gamma", "norm_stats", "storage_dtype",
-"structure", "tasks"}``, where ``"tasks"`` lists the stored tasks, each ``{"star": {name: θ*}}``
-plus one entry per block the task holds, under the block kind's name (``"diagonal": {name: F}``,
-``"kronecker": {layer: {"A": A, "G": G}}``, ...: each kind's ``to_state``). Every θ* is covered by
-exactly one block. Earlier versions are migrated on load (:mod:`.migration`).
+State dict, version 3: ``{"version", "lam", "mode", "gamma", "norm_stats", "storage_dtype",
+"structure", "fisher_bits", "tasks"}``, where ``"tasks"`` lists the stored tasks, each
+``{"star": {name: θ*}}`` plus one entry per block the task holds, under the block kind's name
+(``"diagonal": {name: F}``, an 8-bit F as ``{"codes", "scales", "block"}``; ``"kronecker": {layer:
+{"A": A, "G": G}}``, ...: each kind's ``to_state``). Every θ* is covered by exactly one block.
+Earlier versions are migrated on load (:mod:`.migration`).
 
 File (:func:`write_file`): tensors ``"{t}.star.{i}"`` for the i-th name of task t's ``"star"``
 layout and ``"{t}.{kind}.{suffix}"`` for its blocks (each kind's ``to_tensors``); the config and
@@ -18,7 +19,7 @@ import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -26,17 +27,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._blocks.base import Block
-from .._blocks.diagonal import place
+from .._blocks.diagonal import Diagonal, place
+from .._blocks.fisher8 import check_bits
 from .._blocks.registry import BLOCK_KINDS, STRUCTURES
 from .._options import MODES, NORM_STATS, check_choice, check_gamma, check_lam
 from .._parallel import collectives, sharding
 from .migration import migrate, read_v1_tasks
 from .task import Task, first_misfit
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 #: The state dict's key for the list of tasks.
 TASKS_KEY = "tasks"
-_CONFIG_KEYS = ("version", "lam", "mode", "gamma", "norm_stats", "storage_dtype", "structure")
+_CONFIG_KEYS = ("version", "lam", "mode", "gamma", "norm_stats", "storage_dtype", "structure", "fisher_bits")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class EWCState:
     storage_dtype: torch.dtype
     tasks: list[Task]
     structure: str = "diag"
+    fisher_bits: Optional[int] = None
 
 
 def to_state_dict(state: EWCState) -> dict[str, Any]:
@@ -69,6 +72,7 @@ def to_state_dict(state: EWCState) -> dict[str, Any]:
         "norm_stats": state.norm_stats,
         "storage_dtype": str(state.storage_dtype).replace("torch.", ""),
         "structure": state.structure,
+        "fisher_bits": state.fisher_bits,
         TASKS_KEY: [{"star": dict(task.star), **{b.kind: b.to_state() for b in task.blocks}} for task in state.tasks],
     }
 
@@ -111,12 +115,18 @@ def _from_state_dict(state: Any, model: nn.Module, named: dict[str, nn.Parameter
     if isinstance(state, dict):
         state = migrate(state)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"state: expected an EWC state dict of version {STATE_VERSION} (or 1, migrated on load)")
+        raise ValueError(
+            f"state: expected an EWC state dict of version {STATE_VERSION} (or an earlier one, migrated on load)"
+        )
     lam = check_lam(state.get("lam"))
     mode = check_choice("mode", state.get("mode"), MODES)
     gamma = check_gamma(state.get("gamma"))
     norm_stats = check_choice("norm_stats", state.get("norm_stats"), NORM_STATS)
     structure = check_choice("structure", state.get("structure", "diag"), tuple(STRUCTURES))
+    try:
+        bits = check_bits(state.get("fisher_bits"))
+    except ValueError as e:
+        raise ValueError(f"state: {e}") from None
     dtype_name = state.get("storage_dtype")
     if dtype_name not in ("float32", "bfloat16"):
         raise ValueError(f"state: storage_dtype must be 'float32' or 'bfloat16', got {dtype_name!r}")
@@ -128,7 +138,8 @@ def _from_state_dict(state: Any, model: nn.Module, named: dict[str, nn.Parameter
     clean = [_task_from_dict(f"task {t}", task, storage, allowed, structure) for t, task in enumerate(tasks)]
     _check_fits_model(clean, sharding.unwrap(model), named)
     placed = [Task(place(task.star, named), tuple(b.placed(named) for b in task.blocks)) for task in clean]
-    return EWCState(lam, mode, gamma, norm_stats, storage, placed, structure)
+    placed = [task.with_fisher_bits(bits) for task in placed]  # as the config says, whatever was stored
+    return EWCState(lam, mode, gamma, norm_stats, storage, placed, structure, bits)
 
 
 def _task_from_dict(where: str, task: Any, storage: torch.dtype, allowed: set[str], structure: str) -> Task:
@@ -154,9 +165,9 @@ def _task_from_dict(where: str, task: Any, storage: torch.dtype, allowed: set[st
     if set(covered) != set(star):
         missing = sorted(set(star) - set(covered))[0]
         raise ValueError(f"state: {where}: the blocks and 'star' name different parameters ('{missing}')")
-    diagonal = task.get("diagonal", {})
+    diagonal = next((b.fisher for b in blocks if isinstance(b, Diagonal)), {})
     for n, s in star.items():
-        f = diagonal.get(n) if isinstance(diagonal, dict) else None
+        f = diagonal.get(n)
         if not isinstance(s, torch.Tensor) or (f is not None and f.shape != s.shape):
             raise ValueError(f"state: {where}, parameter '{n}': F and θ* must be tensors of one shape")
         if not torch.isfinite(sharding.local(s).float()).all():

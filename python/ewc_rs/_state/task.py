@@ -33,6 +33,14 @@ class Task:
         """The task's block of ``kind``, or None."""
         return next((b for b in self.blocks if b.kind == kind), None)
 
+    def with_fisher_bits(self, bits: Optional[int]) -> Task:
+        """The same task with each block's F stored in ``bits`` bits (None: the storage dtype).
+
+        Raises:
+            ValueError: 8 bits for a block that cannot hold them (FSDP2-sharded F).
+        """
+        return Task(self.star, tuple(b.with_fisher_bits(bits) for b in self.blocks))
+
     def to(self, device: torch.device) -> Task:
         """The same task with every tensor on ``device`` (dtypes kept; tensors already there shared)."""
         return Task({n: t.to(device) for n, t in self.star.items()}, tuple(b.to(device) for b in self.blocks))
@@ -55,22 +63,29 @@ def fold_online(old: Optional[Task], new: Task, gamma: float) -> Task:
     return Task(new.star, tuple(b.fold(old.block(b.kind), gamma) for b in new.blocks))
 
 
-def add_task(tasks: list[Task], new: Task, *, online: bool, gamma: float) -> list[Task]:
+def add_task(
+    tasks: list[Task], new: Task, *, online: bool, gamma: float, fisher_bits: Optional[int] = None
+) -> list[Task]:
     """The stored tasks after a consolidation: ``new`` appended (separate EWC), or folded into the
-    one task (online EWC, :func:`fold_online`).
+    one task (online EWC, :func:`fold_online`, in float); then stored in ``fisher_bits``.
 
     Args:
-        tasks: the tasks so far, oldest first.
+        tasks: the tasks so far, oldest first (already in ``fisher_bits``).
         new: the task just learned.
         online: whether to fold instead of appending.
         gamma: decay γ of the old curvature when folding.
+        fisher_bits: None (F in the storage dtype) or 8 (:meth:`Task.with_fisher_bits`).
 
     Returns:
         A new list; ``tasks`` is left as it is.
+
+    Raises:
+        ValueError: 8 bits for a block that cannot hold them (FSDP2-sharded F).
     """
-    if not online:
-        return [*tasks, new]
-    return [fold_online(tasks[0] if tasks else None, new, gamma)]
+    last = new if not online else fold_online(tasks[0] if tasks else None, new, gamma)
+    if fisher_bits is not None:
+        last = last.with_fisher_bits(fisher_bits)
+    return [*tasks, last] if not online else [last]
 
 
 def first_misfit(
