@@ -1,7 +1,7 @@
 """Shared pytest fixtures, the helpers' folder on ``sys.path``, and the tests' default data folder.
 
 The folders mirror the package (``fisher/``, ``blocks/``, ``penalty/``, ``state/``, ``parallel/``,
-``facade/`` for ``ewc_rs.ewc``, ``cuda/``, ``integrations/``, ``demo/``) plus ``project/`` (packaging,
+``facade/`` for ``ewc_rs.ewc``, ``merging/``, ``cuda/``, ``integrations/``, ``demo/``) plus ``project/`` (packaging,
 torch lines, notebooks, benchmarks, the code's shape); helpers live in ``helpers/``. Tests that need
 only torch and the core requirements are marked ``core`` (``make test-core`` runs them per torch line).
 

@@ -138,6 +138,55 @@ def test_gradients_added_into_grad_in_the_same_pass(seed: int, kernel_on: None) 
     assert params[3].grad is None
 
 
+def coded(
+    shapes: list[tuple[int, ...]], g: torch.Generator, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit F of each shape (values over 30 binades) coded on CPU, moved to the GPU: codes,
+    scales and the decoded F the kernel must read."""
+    codes, scales, decoded = [], [], []
+    for s in shapes:
+        f = torch.exp2(torch.rand(s, generator=g) * 30 - 28)
+        c, sc = _core.fisher8_quantize(f, block, 24.0)
+        codes.append(c)
+        scales.append(sc)
+        decoded.append(_core.fisher8_dequantize(c, sc, block))
+    return torch.cat(codes).to(DEV), torch.cat(scales).to(DEV), torch.cat(decoded)
+
+
+@needs_gpu
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_kernel_reads_eight_bit_fisher_as_its_decoded_values(
+    dtype: torch.dtype, storage: torch.dtype, seed: int, kernel_on: None
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    params, star, _ = draw(SHAPES, dtype, storage, g)
+    codes, scales, decoded = coded(SHAPES, g, 64)
+    value, flat, _ = _core.penalty(params, star, codes, 2.0, fisher_code=(scales, 64))
+    assert cuda_kernel.status().startswith("kernel "), cuda_kernel.status()
+    want, grad = reference(params, star, decoded, 2.0)
+    assert rel(float(value), want) <= 1e-5, (seed, float(value), want)
+    assert grad_error(flat, grad) <= TOL[dtype], (seed, grad_error(flat, grad))
+    params[0].requires_grad_(True)
+    params[0].grad = torch.zeros_like(params[0])
+    value, pending = _core.penalty_add_to_grads(params, star, codes, 2.0, 1.0, fisher_code=(scales, 64))
+    assert rel(float(value), want) <= 1e-5, seed
+    first = grad[: params[0].numel()].reshape(params[0].shape)
+    assert grad_error(params[0].grad, first) <= TOL[dtype], seed
+
+
+@needs_gpu
+def test_ewc_with_eight_bit_fisher_on_gpu_matches_the_cpu(seed: int, kernel_on: None) -> None:
+    model, ewc, pairs, _ = consolidated_model("mlp_bn", seed, fisher_bits=8)
+    value, grads = ewc_value_and_grads(model, ewc)
+    model.cuda()
+    ewc.to("cuda")
+    on_gpu, gpu_grads = ewc_value_and_grads(model, ewc)
+    assert cuda_kernel.status().startswith("kernel "), cuda_kernel.status()
+    assert rel(float(on_gpu), float(value)) <= 1e-5, seed
+    assert relative_error({n: t.cpu() for n, t in gpu_grads.items()}, grads) <= 1e-5, seed
+
+
 def model_on_gpu(seed: int) -> tuple[nn.Module, EWC, float, dict[str, torch.Tensor]]:
     """A consolidated, perturbed model moved to the GPU with its EWC, and the naive penalty's value
     and gradients computed on CPU before the move."""

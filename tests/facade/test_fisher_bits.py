@@ -22,7 +22,7 @@ from ewc_helpers import (
     snapshot,
     task_model,
 )
-from ewc_rs import EWC
+from ewc_rs import EWC, load_fisher, save_fisher
 from ewc_rs._blocks.diagonal import Diagonal
 from ewc_rs._blocks.fisher8 import Fisher8
 from reference import relative_error
@@ -122,13 +122,14 @@ def test_a_dense_state_loaded_with_fisher_bits_is_coded_and_the_reverse_decoded(
     assert all(isinstance(f, torch.Tensor) for f in _diagonal(back).fisher.values())
 
 
-def test_consolidate_from_a_precomputed_fisher_codes_it(seed: int) -> None:
+def test_consolidate_from_a_fisher_file_codes_it(seed: int, tmp_path: Path) -> None:
     g = gen(seed)
     model, batches = task_model("mlp_bn", seed)
     data = batches()
     fisher, star = fisher_of(model, data), snapshot(model)
+    save_fisher(tmp_path / "fisher", fisher, max_shard_bytes=4096)
     a = EWC(model, lam=10.0, fisher_bits=8)
-    a.consolidate_from(fisher)
+    a.consolidate_from(load_fisher(tmp_path / "fisher"))
     b = EWC(model, lam=10.0, fisher_bits=8)
     b.consolidate(data)
     perturb(model, g)

@@ -281,3 +281,34 @@ def test_conv1d_fast_path_matches_reference(kind: str, seed: int) -> None:
     assert not fallback, f"{ctx}: fallback {fallback}"
     got = fisher_diag(model, batches, kind=kind)
     _check(got, reference_fisher(model, batches, kind=kind), ctx)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_fisher_with_activation_checkpointing_equals_the_fisher_without(family: str, seed: int) -> None:
+    """``gradient_checkpointing_enable()`` stays on during the estimation (each checkpointed layer
+    runs its forward again in the backward) and changes no number of the empirical token-level Fisher."""
+    torch.manual_seed(seed % 100_000)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=16,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+        layers = model.model.layers
+    else:
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=16)
+        model = transformers.GPT2LMHeadModel(config)
+        layers = model.transformer.h
+    g = torch.Generator().manual_seed(seed)
+    data = [({"input_ids": ids}, ids) for ids in (torch.randint(0, VOCAB, (n, T), generator=g) for n in SIZES)]
+    calls: list[int] = []
+    hook = layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    plain = fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
+    forwards = len(calls)
+    model.gradient_checkpointing_enable()
+    checkpointed = fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
+    hook.remove()
+    again = len(calls) - forwards
+    assert again == 2 * forwards, f"seed={seed}: {again} forwards with checkpointing, {forwards} without"
+    err = relative_error(checkpointed, plain)
+    assert err <= 1e-6, f"seed={seed}: relative error {err:.2e}"

@@ -157,3 +157,18 @@ def test_fisher8_codes_measures_the_implementation_as_the_emulation(tmp_path: Pa
         assert impl["penalty_err"] <= 0.01 and impl["grad_err"] <= 0.02, (name, impl)
         (row,) = [r for r in m["rows"] if r["code"] == "log" and r["B"] == impl["B"] and r["R"] == impl["R"]]
         assert abs(impl["grad_err"] - row["grad_err"]) <= 0.02 * row["grad_err"] + 1e-6, (name, impl, row)
+
+
+def test_bench_llm_1b_runs_every_step(tmp_path: Path) -> None:
+    """The billion-parameter script on a 2-layer Llama: every step in its own process, the Fisher
+    file written and loaded back, the penalty value of every storage checked against float64."""
+    import pytest
+
+    pytest.importorskip("transformers", reason="bench_llm_1b.py builds Llama with transformers")
+    res = run("bench_llm_1b.py", ["--tiny", "--work", str(tmp_path)], tmp_path / "out")
+    assert set(res["steps"]) == {f"{m}/{c}" for m in ("fwd_bwd", "fisher") for c in ("off", "on")}
+    assert all(r["seconds"] > 0 for r in res["steps"].values())
+    assert res["fisher_file"]["shards"] >= 1 and res["load"]["loaded_bytes"] == 4 * res["model"]["parameters"]
+    penalty = res["penalty"]
+    assert [round(r["state_bytes_per_param"], 3) for r in penalty.values()] == [8.0, 4.0, 3.125], penalty
+    assert all(r["value_rel_err"] <= 1e-5 for r in penalty.values()), penalty

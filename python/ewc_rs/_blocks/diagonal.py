@@ -269,38 +269,43 @@ class DiagonalTerm:
         for (device, dtype, sharded), index in by_bucket.items():
             stored = [fisher[names[i]] for fisher, _ in pairs for i in index if names[i] in fisher]
             block = next((f.block for f in stored if isinstance(f, Fisher8)), 0)
-            stars, fishers, scales = [], [], []
+            # One flat buffer each, written in place: no float64 or per-parameter copy of the
+            # whole state (for a 1e9-parameter model those would need several times its size).
+            total = sum(sharding.local(params[i]).numel() for i in index)
+            star_flat = torch.empty(total, dtype=storage, device=device)
+            fisher_flat = torch.empty(total, dtype=torch.uint8 if block else storage, device=device)
+            scales: list[torch.Tensor] = []
+            at = 0
             for i in index:
-                one = [(f[names[i]], s) for f, s in pairs if names[i] in f]
-                f8, star = one[-1]
-                if block and len(one) == 1 and isinstance(f8, Fisher8) and f8.block == block:
-                    # one task's 8-bit F: its codes as they are, no float copy
-                    stars.append(sharding.local(star[names[i]]).to(device).reshape(-1))
-                    fishers.append(f8.codes.to(device).reshape(-1))
-                    scales.append(f8.scales.to(device))
-                    continue
-                m, f_tot, c = _fold_parameter(pairs, names[i], device)
-                if m.shape != sharding.local(params[i]).shape:
+                local = sharding.local(params[i])
+                one = [(f[names[i]], st[names[i]]) for f, st in pairs if names[i] in f]
+                if len(one) == 1:  # one task: its θ* and F as they are (m = θ*, c = 0)
+                    f, m = _local(one[0][0]), sharding.local(one[0][1])
+                else:  # several tasks: folded in float64
+                    m, f, c = _fold_parameter(pairs, names[i], device)
+                    consts[sharded] += c
+                if m.shape != local.shape:
                     raise ValueError(
-                        f"model: parameter '{names[i]}' holds a shard of shape {list(sharding.local(params[i]).shape)} "
+                        f"model: parameter '{names[i]}' holds a shard of shape {list(local.shape)} "
                         f"but its stored F and θ* a shard of shape {list(m.shape)}: load the state for this mesh"
                     )
-                consts[sharded] += c
-                stars.append(m.reshape(-1))
-                if block:  # several tasks (or another block size): their folded F, coded again
-                    folded = Fisher8.of(f_tot, block)
-                    fishers.append(folded.codes.reshape(-1))
-                    scales.append(folded.scales)
+                span = slice(at, at + local.numel())
+                star_flat[span].copy_(m.reshape(-1))
+                if block:  # 8-bit: the codes as they are, or (folded, other block size) coded again
+                    coded = f if isinstance(f, Fisher8) and f.block == block else Fisher8.of(fisher8.dense(f), block)
+                    fisher_flat[span].copy_(coded.codes.reshape(-1))
+                    scales.append(coded.scales.to(device))
                 else:
-                    fishers.append(f_tot.reshape(-1))
+                    fisher_flat[span].copy_(fisher8.dense(f, storage).reshape(-1))
+                at += local.numel()
             buckets.append(
                 Bucket(
                     index=index,
                     params=[params[i] for i in index],
                     device=device,
                     dtype=dtype,
-                    star=torch.cat(stars).to(storage),
-                    fisher=torch.cat(fishers) if block else torch.cat(fishers).to(storage),
+                    star=star_flat,
+                    fisher=fisher_flat,
                     sharded=sharded,
                     scales=torch.cat(scales) if block else None,
                     block=block,
