@@ -93,12 +93,19 @@ def llm_section(res: dict[str, Any]) -> list[str]:
         "| F and θ* | state bytes/param | resident bytes/param | step | byte floor | ratio |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    notes = [
+        "",
+        "Each row's floor (the bytes the pass must move at the bandwidth of `torch.addcmul`) is measured in",
+        "that row's process; this 2-core machine is noisy (the measured bandwidth differs between rows), so",
+        "read ratios, not seconds. The 8-bit pass computes 2^x for every value and is bound by arithmetic on",
+        "this CPU, not by memory; resident bytes count the stored state and the flat buffers the pass reads.",
+    ]
     for name, r in res["penalty"].items():
         lines.append(
             f"| {name} | {r['state_bytes_per_param']:.3f} | {r['resident_bytes_per_param']:.2f} | "
             f"{r['median_s']:.2f} s | {r['floor_s']:.2f} s | {r['ratio_to_floor']:.2f} |"
         )
-    return lines
+    return lines + notes
 
 
 def merge_section(res: dict[str, Any]) -> list[str]:
