@@ -6,7 +6,7 @@
 //! table tied between layers) has its per-sample gradients summed over the calls before they
 //! are squared: that is what makes shared parameters exact.
 
-use super::chunks::{add_to, chunks, SlotTotals};
+use super::chunks::{add_to, chunks, SlotTotals, Workspace};
 use super::rules::{Rule, Want};
 use crate::error::{value_err, Context, Result};
 use crate::kfac::factors::KfacSums;
@@ -39,20 +39,6 @@ impl LayerCall {
     fn samples(&self) -> i64 {
         self.input.size().first().copied().unwrap_or(0)
     }
-
-    /// Per-sample gradients of samples `start..start + len`, paired with their slots.
-    fn per_sample(&self, g: &Tensor, start: i64, len: i64) -> Result<Vec<(usize, Tensor)>> {
-        let a = self.input.narrow(0, start, len);
-        let ps = self
-            .rule
-            .per_sample(&a, &g.narrow(0, start, len), self.want())?;
-        Ok(self
-            .slots
-            .iter()
-            .zip(ps)
-            .filter_map(|(slot, t)| Some((((*slot)?), t?)))
-            .collect())
-    }
 }
 
 /// How many recorded calls use each slot in this forward pass.
@@ -82,8 +68,8 @@ pub struct FisherSums {
     pub totals: Vec<Tensor>,
     /// Parameter names, by slot, for error messages.
     pub names: Vec<String>,
-    /// Upper bound for per-sample intermediates, in bytes.
-    pub budget: i64,
+    /// The bound on per-sample intermediates and the buffers that hold them.
+    pub work: Workspace,
 }
 
 /// One batch's contribution: the roots, the layer calls the rules handle, and the slots whose
@@ -115,7 +101,7 @@ impl FisherSums {
             params,
             totals,
             names,
-            budget,
+            work: Workspace::new(budget),
         })
     }
 
@@ -201,7 +187,7 @@ impl FisherSums {
                 } else if c.rule.is_outer_product(&c.input) {
                     add_to(g2, g.to_kind(Kind::Float).square());
                 } else {
-                    let sq = c.rule.sum_sq(&c.input, g, c.want(), self.budget)?;
+                    let sq = c.rule.sum_sq(&c.input, g, c.want(), &self.work)?;
                     self.add_slots(c, sq)?;
                 }
             }
@@ -226,11 +212,20 @@ impl FisherSums {
     }
 
     /// Calls whose parameters are shared: per-sample gradients summed per parameter over the
-    /// calls, then squared.
+    /// calls, then squared (a single sample's straight into the running sum).
     fn add_shared(&self, shared: &[(&LayerCall, &Tensor)]) -> Result<()> {
-        for_each_chunk(shared, self.budget, |by_slot| {
-            for (slot, t) in by_slot.into_entries() {
-                self.add(slot, &t.square().sum_dim_intlist(0, false, Kind::Float))?;
+        for_each_chunk(shared, &self.work, |by_slot| {
+            for (slot, t) in by_slot {
+                if t.size().first() == Some(&1) {
+                    self.check_slot(slot)?;
+                    let one = t.get(0);
+                    let _ = self.totals[slot]
+                        .shallow_clone()
+                        .f_addcmul_(&one, &one)
+                        .ctx("add into the Fisher sums")?;
+                } else {
+                    self.add(slot, &t.square().sum_dim_intlist(0, false, Kind::Float))?;
+                }
             }
             Ok(())
         })
@@ -264,14 +259,13 @@ impl FisherSums {
             .filter(|(_, g)| g.defined())
             .collect();
         let mut ours = SlotTotals::default();
-        // Call by call: each in chunks of its own size (calls may differ in batch size here).
-        for call in &recorded {
-            for_each_chunk(std::slice::from_ref(call), self.budget, |by_slot| {
-                for (slot, t) in by_slot.into_entries() {
-                    ours.add(slot, t.sum_dim_intlist(0, false, Kind::Float));
+        for (c, g) in &recorded {
+            let sums = c.rule.summed(&c.input, g, c.want(), &self.work)?;
+            for (slot, t) in c.slots.iter().zip(sums) {
+                if let (Some(slot), Some(t)) = (slot, t) {
+                    ours.add(*slot, t);
                 }
-                Ok(())
-            })?;
+            }
         }
         let mut out = Vec::with_capacity(slots.len());
         for (slot, g) in slots.iter().zip(param_grads) {
@@ -289,19 +283,25 @@ impl FisherSums {
                 .norm()
                 .double_value(&[])
                 .max(ours.norm().double_value(&[]));
-            let diff = (&ours - &truth).norm().double_value(&[]);
+            // In place: `ours` is this check's own sum (a fresh tensor per slot), and a fresh
+            // difference of an LM head's size costs more in page faults than the subtraction.
+            let mut ours = ours;
+            let _ = ours.f_sub_(&truth).ctx("rule check")?;
+            let diff = ours.norm().double_value(&[]);
             out.push((*slot, if scale > 0.0 { diff / scale } else { 0.0 }));
         }
         Ok(out)
     }
 }
 
-/// Walks the samples of `calls` (all of one batch size) in chunks that fit `budget`, and hands
-/// `f` each chunk's per-sample gradients `[len, *param]`, summed per slot over the calls.
+/// Walks the samples of `calls` (all of one batch size) in chunks that fit the workspace's
+/// budget, and hands `f` each chunk's per-sample gradients `[len, *param]`, summed per slot over
+/// the calls (dense rules first, so that an embedding's lookups are added into a tied head's
+/// buffer). The tensors handed to `f` may be workspace buffers: valid until `f` returns.
 fn for_each_chunk(
     calls: &[(&LayerCall, &Tensor)],
-    budget: i64,
-    mut f: impl FnMut(SlotTotals) -> Result<()>,
+    ws: &Workspace,
+    mut f: impl FnMut(BTreeMap<usize, Tensor>) -> Result<()>,
 ) -> Result<()> {
     let Some((first, _)) = calls.first() else {
         return Ok(());
@@ -316,14 +316,30 @@ fn for_each_chunk(
     }
     let chunk = calls
         .iter()
-        .map(|(c, g)| c.rule.chunk_size(&c.input, g, budget))
+        .map(|(c, g)| c.rule.chunk_size(&c.input, g, ws.budget))
         .min()
         .unwrap_or(n);
+    let mut ordered: Vec<&(&LayerCall, &Tensor)> = calls.iter().collect();
+    ordered.sort_by_key(|(c, _)| c.rule.sparse_per_sample());
     for (start, len) in chunks(n, chunk) {
-        let mut by_slot = SlotTotals::default();
-        for (c, g) in calls {
-            for (slot, t) in c.per_sample(g, start, len)? {
-                by_slot.add(slot, t);
+        let mut by_slot: BTreeMap<usize, Tensor> = BTreeMap::new();
+        for (c, g) in &ordered {
+            let mut acc = c.slots.map(|s| s.and_then(|s| by_slot.remove(&s)));
+            // A new weight entry lives in its slot's own buffer (keys above 0, which `sum_sq` uses).
+            let key = c.slots[0].map_or(0, |s| s + 1);
+            let device = c.input.device();
+            let fresh = |shape: &[i64]| ws.buffer(key, shape, device);
+            c.rule.accumulate_per_sample(
+                &mut acc,
+                &c.input.narrow(0, start, len),
+                &g.narrow(0, start, len),
+                c.want(),
+                &fresh,
+            )?;
+            for (slot, t) in c.slots.iter().zip(acc) {
+                if let (Some(slot), Some(t)) = (slot, t) {
+                    by_slot.insert(*slot, t);
+                }
             }
         }
         f(by_slot)?;

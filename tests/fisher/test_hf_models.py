@@ -302,13 +302,15 @@ def test_the_fisher_with_activation_checkpointing_equals_the_fisher_without(fami
     g = torch.Generator().manual_seed(seed)
     data = [({"input_ids": ids}, ids) for ids in (torch.randint(0, VOCAB, (n, T), generator=g) for n in SIZES)]
     calls: list[int] = []
-    hook = layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    # A submodule inside the checkpointed forward (the layer's own hooks stay outside the checkpoint).
+    hook = layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     plain = fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
     forwards = len(calls)
     model.gradient_checkpointing_enable()
     checkpointed = fisher_diag(model, data, kind="empirical", likelihood="causal_lm")
     hook.remove()
     again = len(calls) - forwards
-    assert again == 2 * forwards, f"seed={seed}: {again} forwards with checkpointing, {forwards} without"
+    # Every backward pass (the rule checks' and one per batch) runs the layer's forward again.
+    assert again >= forwards + len(SIZES), f"seed={seed}: {again} forwards with checkpointing, {forwards} without"
     err = relative_error(checkpointed, plain)
     assert err <= 1e-6, f"seed={seed}: relative error {err:.2e}"

@@ -94,18 +94,25 @@ def test_bench_fisher_without_backpack_says_not_installed(tmp_path: Path) -> Non
 
 
 def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
-    """A 2-layer GPT-2 stand-in: the Fisher agrees with the per-sample loop before timing, both
-    ratios and the penalty row are written."""
+    """The 2-layer GPT-2 and Llama stand-ins: the Fisher agrees with the per-sample loop before
+    timing, every ratio and the penalty row are written; ``--profile`` prints where time goes."""
     import pytest
 
     pytest.importorskip(
-        "transformers", reason="bench_llm.py builds GPT-2 with transformers (the test command installs it)"
+        "transformers", reason="bench_llm.py builds GPT-2 and Llama with transformers (the test command installs it)"
     )
-    res = run("bench_llm.py", ["--tiny", "--rounds", "1"], tmp_path)
-    fisher, penalty = res["fisher"], res["penalty"]
-    assert fisher["relative_error"] <= 1e-4, fisher
-    assert fisher["time_ratio"] > 0 and set(fisher["median_s"]) == {"fwd_bwd", "ewc_rs:empirical"}, fisher
+    res = run("bench_llm.py", ["--shapes", "tiny,llama_tiny", "--rounds", "1"], tmp_path)
+    assert set(res["shapes"]) == {"tiny", "llama_tiny"}, res
+    for name, shape in res["shapes"].items():
+        assert shape["relative_error"] <= 1e-4, (name, shape)
+        assert set(shape["median_s"]) == {"fwd_bwd", "ewc_rs:empirical", "ewc_rs:mc"}, (name, shape)
+        assert all(r > 0 for r in shape["time_ratio"].values()), (name, shape)
+    penalty = res["penalty"]
     assert penalty["value_rel_err"] <= 1e-5 and penalty["grad_max_rel_err"] <= 1e-5, penalty
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_llm.py"), "--profile", "tiny"], capture_output=True, text=True, check=True
+    )
+    assert "rule checks (once)" in proc.stdout and "aten::" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_bench_distributed_runs_and_meets_the_communication_target(tmp_path: Path) -> None:

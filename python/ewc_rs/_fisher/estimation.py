@@ -39,9 +39,10 @@ _MISMATCH_TOL = 1e-3
 
 #: Samples of the first batch that the once-per-estimation rule checks run on. The checks look at
 #: how the model uses its parameters, which a few samples show (at least 2: one probe row against
-#: the others); each costs about a forward and two backward passes, which with language models
-#: (a sample is a whole sequence) was a quarter of a 32-sequence estimate at 16 samples.
-_CHECK_SAMPLES = 4
+#: the others); they cost about a forward and two backward passes of these samples, which with
+#: language models (a sample is a whole sequence) was a quarter of a 32-sequence estimate at 16
+#: samples, and still a fifth of an 8-sequence one at 4.
+_CHECK_SAMPLES = 2
 
 
 def _budget_bytes() -> int:
@@ -52,9 +53,18 @@ def _budget_bytes() -> int:
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the estimation (BatchNorm uses running statistics, dropout is off); every
-    submodule's own ``training`` flag is restored afterwards."""
+    submodule's own ``training`` flag is restored afterwards.
+
+    A layer with activation checkpointing switched on (Hugging Face's ``gradient_checkpointing``,
+    which checkpoints only while ``self.training``) keeps its own flag, so that it still recomputes
+    its activations in the backward pass instead of storing them; its submodules (dropout,
+    attention) are in eval mode like every other module.
+    """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    for m, _ in modes:
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
     try:
         yield
     finally:
@@ -220,8 +230,11 @@ class Estimation:
         fallback = sorted(self.coverage.names[s] for s in self.coverage.fallback)
         result = Result(diag={}, fallback=fallback, samples=samples, tokens=tokens)
         for name, total in zip(self.coverage.names, diag_totals):
-            f = total / count
-            if not torch.isfinite(f).all():
+            # In place: the sums are this estimation's own (a fresh copy of an LM head's size costs
+            # more in page faults than the division). Their sum is finite exactly when every value
+            # is (a NaN or inf makes it NaN or inf), a cheaper test than an element-wise one.
+            f = total.div_(count)
+            if not (torch.isfinite(f.sum()) or torch.isfinite(f).all()):
                 raise ValueError(
                     f"Fisher of parameter '{name}' has non-finite values (NaN or inf): check the model's "
                     "outputs and the data for NaN/inf"
@@ -315,6 +328,7 @@ class Estimation:
 
     def _recorded_forward(self, x: Any, y: Any, n: int, recorder: Recorder) -> tuple[torch.Tensor, Any]:
         """Forward pass with the layer calls recorded (as copies if an in-place op touched one)."""
+        recorder.batch = n
         while True:
             with recorder.recording():
                 out, yp = self.forward(x, y, n)
@@ -335,9 +349,24 @@ class Estimation:
         index, or where the parameter is also used outside the layer that owns it."""
         k = min(n, _CHECK_SAMPLES)
         sliceable = all(isinstance(v, (torch.Tensor, tuple, list, dict)) for v in (x, y))
+        whole = (x, y, n)
         if k < n and sliceable:
             x, y, n = take(x, slice(0, k)), take(y, slice(0, k)), k
-        out, yp = self._recorded_forward(x, y, n, recorder)
+        try:
+            out, yp = self._recorded_forward(x, y, n, recorder)
+        except ValueError:
+            if n < whole[2]:  # say what does not fit in the shapes of the batch given, not of its slice
+                with torch.no_grad():
+                    self.forward(*whole)
+            raise
+        except Exception:
+            if not recorder.expand_shared_rows:
+                raise
+            recorder.expand_shared_rows = False  # the model cannot take one copy per sample
+            out, yp = self._recorded_forward(x, y, n, recorder)
+        if any(c.broadcast for c in recorder.calls) and not _expansion_is_sound(self, x, y, n, out, recorder):
+            recorder.expand_shared_rows = False
+            out, yp = self._recorded_forward(x, y, n, recorder)
         if not recorder.calls:
             return
         self._drop_uninterpretable(recorder, n)
@@ -354,6 +383,23 @@ class Estimation:
         roots = self.options.roots(out, yp, mc_draws=fixed, kind=kind)
         mismatch = self.sums.rule_mismatch(out, roots, recorder.layer_calls(), slots)
         self.coverage.to_fallback(s for s, err in mismatch if err > _MISMATCH_TOL)
+
+
+def _expansion_is_sound(est: Estimation, x: Any, y: Any, n: int, out: torch.Tensor, recorder: Recorder) -> bool:
+    """Whether the recorded forward pass, with its calls of one shared input row expanded to one
+    copy per sample (:meth:`Recorder._expand`), computed what the model computes, and each
+    sample's output depends on its own copy only (the last sample's is probed; the first
+    sample's is probed for every call by `_not_per_sample`)."""
+    with torch.no_grad():
+        plain, _ = est.forward(x, y, n)
+    scale = float(plain.detach().abs().max()) if plain.numel() else 0.0
+    if plain.shape != out.shape or not torch.allclose(out.detach(), plain, rtol=1e-5, atol=1e-6 * max(scale, 1.0)):
+        return False
+    sel = [c for c in recorder.calls if c.broadcast]
+    row = out[n - 1].reshape(-1).float()
+    probe = (row * torch.linspace(1.0, 2.0, row.numel(), device=row.device)).sum()
+    grads = torch.autograd.grad(probe, [c.output for c in sel], retain_graph=True, allow_unused=True)
+    return all(g is None or not bool(torch.count_nonzero(g[: n - 1]) > 0) for g in grads)
 
 
 def _not_per_sample(out: torch.Tensor, recorder: Recorder, n: int) -> set[int]:

@@ -42,6 +42,9 @@ class Call:
     input: torch.Tensor
     output: torch.Tensor
     version: int
+    #: The call's input had one row shared by the whole batch (positions ``[1, T]``); it was
+    #: recorded expanded to one row per sample (see :meth:`Recorder.expand_shared_rows`).
+    broadcast: bool = False
 
     @property
     def readable(self) -> bool:
@@ -137,6 +140,10 @@ class Recorder:
         self.coverage = coverage
         self.enabled = False
         self.clone_outputs = False  # set when an in-place op modified a recorded output
+        #: The batch's sample count during a recorded forward pass (None: unknown).
+        self.batch: Optional[int] = None
+        #: Whether calls with one input row shared by the batch are expanded (see `_expand`).
+        self.expand_shared_rows = True
         self.calls: list[Call] = []
         self.handles = [s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in coverage.sites]
         for a in coverage.attention:
@@ -152,11 +159,26 @@ class Recorder:
                 return None
             if not output.requires_grad:
                 return None
+            n = self.batch
+            if self.expand_shared_rows and n is not None and n > 1 and inp.shape[:1] == output.shape[:1] == (1,):
+                return self._expand(site, inp, output, n)
             self.calls.append(Call(site, inp.detach(), output, output._version))
             # Returning a copy keeps later in-place ops (ReLU(inplace=True)) off the recorded output.
             return output.clone() if self.clone_outputs else None
 
         return hook
+
+    def _expand(self, site: Site, inp: torch.Tensor, output: torch.Tensor, n: int) -> torch.Tensor:
+        """A call whose single input row serves every sample (GPT-2's position embedding of
+        ``position_ids`` ``[1, T]``, added to ``[N, T, D]`` by broadcasting): its output is handed
+        on as ``n`` copies, one per sample, which the model's broadcast uses the same way, so the
+        gradient of copy ``i`` is sample ``i``'s and the rule reads per-sample gradients as for any
+        batched call. The estimation's rule check verifies that the model's outputs are unchanged
+        and that each sample's output depends only on its own copy; otherwise the expansion is
+        switched off and the parameters take the fallback."""
+        rows = output.expand(n, *output.shape[1:]).clone()
+        self.calls.append(Call(site, inp.detach().expand(n, *inp.shape[1:]), rows, rows._version, broadcast=True))
+        return rows
 
     @contextmanager
     def recording(self) -> Iterator[None]:

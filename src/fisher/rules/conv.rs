@@ -254,6 +254,7 @@ impl Rule for Conv {
 mod tests {
     use super::super::test_support::{autograd_per_sample, rel, OPTS};
     use super::*;
+    use crate::fisher::chunks::Workspace;
 
     #[test]
     fn conv2d_matches_autograd_for_groups_dilation_stride_padding() {
@@ -267,8 +268,10 @@ mod tests {
         let got = rule.per_sample(&a, &g, Want::BOTH).unwrap();
         assert!(rel(got[0].as_ref().unwrap(), &want) < 1e-5);
         // Chunking must not change the sum of squares.
-        let tiny_budget = rule.sum_sq(&a, &g, Want::BOTH, 1).unwrap();
-        let big_budget = rule.sum_sq(&a, &g, Want::BOTH, 1 << 30).unwrap();
+        let tiny_budget = rule.sum_sq(&a, &g, Want::BOTH, &Workspace::new(1)).unwrap();
+        let big_budget = rule
+            .sum_sq(&a, &g, Want::BOTH, &Workspace::new(1 << 30))
+            .unwrap();
         assert!(
             rel(
                 tiny_budget[0].as_ref().unwrap(),

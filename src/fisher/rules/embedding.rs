@@ -4,6 +4,7 @@
 
 use super::{Rule, Slots, Want};
 use crate::error::{Context, Result};
+use crate::fisher::chunks::{Workspace, RESULT};
 use pyo3::prelude::*;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -84,7 +85,7 @@ impl Rule for Embedding {
 
     /// Σ_n (per-sample table gradient)², without materialising `[N, V, D]`: gradients are summed
     /// per distinct (sample, row) pair, squared, and added into their row.
-    fn sum_sq(&self, idx: &Tensor, g: &Tensor, _want: Want, _budget: i64) -> Result<Slots> {
+    fn sum_sq(&self, idx: &Tensor, g: &Tensor, _want: Want, ws: &Workspace) -> Result<Slots> {
         let d = *g.size().last().unwrap_or(&1);
         let num = self.num_embeddings;
         let l = self.lookups(idx, g);
@@ -95,10 +96,54 @@ impl Rule for Embedding {
         let summed = Tensor::zeros([uniq.size()[0], d], (Kind::Float, g.device()))
             .f_index_add(0, &inverse, &l.grads)
             .ctx("embedding rule (index_add)")?;
-        let out = Tensor::zeros([num, d], (Kind::Float, g.device()))
-            .f_index_add(0, &uniq.remainder(num), &summed.square())
+        // The table-sized result in the workspace: no fresh [V, D] per batch.
+        let mut out = ws.buffer(RESULT, &[num, d], g.device()).zero_();
+        let _ = out
+            .f_index_add_(0, &uniq.remainder(num), &summed.square())
             .ctx("embedding rule (index_add)")?;
         Ok([Some(out), None])
+    }
+
+    /// Every lookup's gradient added into its row: the table's batch gradient.
+    fn summed(&self, idx: &Tensor, g: &Tensor, _want: Want, _ws: &Workspace) -> Result<Slots> {
+        let d = *g.size().last().unwrap_or(&1);
+        let l = self.lookups(idx, g);
+        let out = Tensor::zeros([self.num_embeddings, d], (Kind::Float, g.device()))
+            .f_index_add(0, &l.rows, &l.grads)
+            .ctx("embedding rule (index_add)")?;
+        Ok([Some(out), None])
+    }
+
+    /// Into an entry another call made (a tied LM head's per-sample gradients), the lookups are
+    /// added in place, row by row: only the sequence's tokens are touched.
+    fn accumulate_per_sample(
+        &self,
+        acc: &mut Slots,
+        idx: &Tensor,
+        g: &Tensor,
+        want: Want,
+        _fresh: &dyn Fn(&[i64]) -> Tensor,
+    ) -> Result<()> {
+        let num = self.num_embeddings;
+        match &mut acc[0] {
+            Some(w) => {
+                if !w.is_contiguous() {
+                    *w = w.contiguous();
+                }
+                let d = *g.size().last().unwrap_or(&1);
+                let l = self.lookups(idx, g);
+                let mut rows = w.view([-1, d]);
+                let _ = rows
+                    .f_index_add_(0, &(l.sample * num + l.rows), &l.grads)
+                    .ctx("embedding rule (index_add_)")?;
+            }
+            None => acc[0] = self.per_sample(idx, g, want)?[0].take(),
+        }
+        Ok(())
+    }
+
+    fn sparse_per_sample(&self) -> bool {
+        true
     }
 }
 
@@ -116,7 +161,9 @@ mod tests {
             num_embeddings: 3,
             padding_idx: Some(0),
         };
-        let sq = rule.sum_sq(&idx, &g, Want::WEIGHT, 1 << 20).unwrap();
+        let sq = rule
+            .sum_sq(&idx, &g, Want::WEIGHT, &Workspace::new(1 << 20))
+            .unwrap();
         let got: Vec<f32> = Vec::try_from(sq[0].as_ref().unwrap().reshape([-1])).unwrap();
         // row 0 is padding (no gradient), row 1: 4² from sample 1, row 2: (1+2)² from sample 0.
         assert_eq!(got, vec![0.0, 16.0, 9.0]);

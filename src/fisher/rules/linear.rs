@@ -4,6 +4,7 @@
 
 use super::{sum_middle, KfacForm, Rule, Slots, Want};
 use crate::error::{Context, Result};
+use crate::fisher::chunks::{chunks, Workspace, CHUNK, RESULT};
 use pyo3::prelude::*;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -51,6 +52,43 @@ impl Linear {
             .and_then(|t| t.f_matmul(right))
             .ctx("linear rule")
     }
+
+    /// `[n, T, in]` and `[n, T, out]` views of a call's input and output gradient, in float32,
+    /// and the weight's `(rows, cols)` in its layout.
+    fn as_sequences(&self, a: &Tensor, g: &Tensor) -> (Tensor, Tensor, [i64; 2]) {
+        let n = a.size()[0];
+        let fin = *a.size().last().unwrap_or(&1);
+        let fout = *g.size().last().unwrap_or(&1);
+        let a3 = a.to_kind(Kind::Float).reshape([n, -1, fin]);
+        let g3 = g.to_kind(Kind::Float).reshape([n, -1, fout]);
+        let dims = match self.layout {
+            WeightLayout::OutIn => [fout, fin],
+            WeightLayout::InOut => [fin, fout],
+        };
+        (a3, g3, dims)
+    }
+
+    /// The per-sample weight gradients of a chunk written into `out` `[len, rows, cols]`
+    /// (`add`: added to what `out` holds).
+    fn weight_product_into(
+        &self,
+        out: &mut Tensor,
+        g3: &Tensor,
+        a3: &Tensor,
+        add: bool,
+    ) -> Result<()> {
+        let (left, right) = match self.layout {
+            WeightLayout::OutIn => (g3, a3),
+            WeightLayout::InOut => (a3, g3),
+        };
+        let left = left.transpose(-2, -1);
+        if add {
+            let _ = out.f_baddbmm_(&left, right).ctx("linear rule (baddbmm)")?;
+        } else {
+            let _ = left.f_bmm_out(out, right).ctx("linear rule (bmm)")?;
+        }
+        Ok(())
+    }
 }
 
 impl Rule for Linear {
@@ -80,6 +118,95 @@ impl Rule for Linear {
 
     fn is_outer_product(&self, a: &Tensor) -> bool {
         a.dim() == 2
+    }
+
+    /// Sequences `[N, T, in]`: per chunk, the per-sample weight gradients are written by one
+    /// batched GEMM into a workspace buffer, squared in place and summed over the chunk (a single
+    /// sample is squared straight into the running sum, itself a workspace buffer): no buffer of
+    /// the weight's size is allocated per chunk or per call.
+    fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, ws: &Workspace) -> Result<Slots> {
+        if self.is_outer_product(a) {
+            return self.outer_product_sum_sq(a, &g.to_kind(Kind::Float).square(), want);
+        }
+        let n = a.size()[0];
+        let (a3, g3, [rows, cols]) = self.as_sequences(a, g);
+        let mut w: Option<Tensor> = None;
+        if want.weight {
+            let chunk = (ws.budget / (4 * rows * cols).max(1)).clamp(1, n.max(1));
+            for (start, len) in chunks(n, chunk) {
+                let mut buf = ws.buffer(CHUNK, &[len, rows, cols], a.device());
+                self.weight_product_into(
+                    &mut buf,
+                    &g3.narrow(0, start, len),
+                    &a3.narrow(0, start, len),
+                    false,
+                )?;
+                let mut acc = match w.take() {
+                    Some(acc) => acc,
+                    None => ws.buffer(RESULT, &[rows, cols], a.device()).zero_(),
+                };
+                if len == 1 {
+                    let one = buf.get(0);
+                    let _ = acc.f_addcmul_(&one, &one).ctx("linear rule (addcmul)")?;
+                } else {
+                    let _ = buf.f_square_().ctx("linear rule (square)")?;
+                    let sum = buf.sum_dim_intlist(0, false, Kind::Float);
+                    let _ = acc.f_add_(&sum).ctx("linear rule (sum)")?;
+                }
+                w = Some(acc);
+            }
+        }
+        let b = want.bias.then(|| {
+            sum_middle(&g3, 1)
+                .square()
+                .sum_dim_intlist(0, false, Kind::Float)
+        });
+        Ok([w, b])
+    }
+
+    /// One GEMM over every row of the call (the batch weight gradient).
+    fn summed(&self, a: &Tensor, g: &Tensor, want: Want, _ws: &Workspace) -> Result<Slots> {
+        let fin = *a.size().last().unwrap_or(&1);
+        let fout = *g.size().last().unwrap_or(&1);
+        let g2 = g.to_kind(Kind::Float).reshape([-1, fout]);
+        let w = if want.weight {
+            Some(self.weight_product(&g2, &a.to_kind(Kind::Float).reshape([-1, fin]))?)
+        } else {
+            None
+        };
+        let b = want.bias.then(|| g2.sum_dim_intlist(0, false, Kind::Float));
+        Ok([w, b])
+    }
+
+    /// The weight's per-sample gradients by one batched GEMM, into a fresh workspace buffer or
+    /// added in place into the entry another call of the shared weight made.
+    fn accumulate_per_sample(
+        &self,
+        acc: &mut Slots,
+        a: &Tensor,
+        g: &Tensor,
+        want: Want,
+        fresh: &dyn Fn(&[i64]) -> Tensor,
+    ) -> Result<()> {
+        let (a3, g3, [rows, cols]) = self.as_sequences(a, g);
+        if want.weight {
+            match &mut acc[0] {
+                Some(w) => self.weight_product_into(w, &g3, &a3, true)?,
+                None => {
+                    let mut w = fresh(&[a3.size()[0], rows, cols]);
+                    self.weight_product_into(&mut w, &g3, &a3, false)?;
+                    acc[0] = Some(w);
+                }
+            }
+        }
+        if want.bias {
+            let b = sum_middle(&g3, 1);
+            acc[1] = Some(match acc[1].take() {
+                Some(t) => t + b,
+                None => b,
+            });
+        }
+        Ok(())
     }
 
     /// The one-GEMM form for 2-d inputs: the per-sample weight gradient is the outer product
@@ -175,7 +302,9 @@ mod tests {
         let g2 = Tensor::randn([7, 6], OPTS);
         for rule in [LINEAR, CONV1D] {
             assert!(rule.is_outer_product(&a2));
-            let fast = rule.sum_sq(&a2, &g2, Want::BOTH, 1 << 20).unwrap();
+            let fast = rule
+                .sum_sq(&a2, &g2, Want::BOTH, &Workspace::new(1 << 20))
+                .unwrap();
             let ps = rule.per_sample(&a2, &g2, Want::BOTH).unwrap();
             for (f, p) in fast.iter().zip(ps.iter()) {
                 let slow = p

@@ -15,7 +15,7 @@ mod norm;
 mod test_support;
 
 use crate::error::{value_err, Result};
-use crate::fisher::chunks::{add_to, chunks};
+use crate::fisher::chunks::{add_to, chunks, Workspace};
 use pyo3::prelude::*;
 use std::fmt;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use tch::{Kind, Tensor};
 pub use conv::Conv;
 pub use embedding::Embedding;
 pub use linear::{Linear, WeightLayout};
-pub use norm::{BatchNorm, GroupNorm, LayerNorm};
+pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};
 
 /// Which of a layer's two parameters (weight, bias) a rule is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +70,54 @@ pub trait Rule: Send + Sync + fmt::Debug {
 
     /// Σ_n (per-sample gradient)² of the requested parameters (default: the one GEMM of
     /// `outer_product_sum_sq` when `is_outer_product(a)`, else `chunked_sum_sq`).
-    fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, budget: i64) -> Result<Slots> {
+    fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, ws: &Workspace) -> Result<Slots> {
         if self.is_outer_product(a) {
             return self.outer_product_sum_sq(a, &g.to_kind(Kind::Float).square(), want);
         }
-        chunked_sum_sq(self, a, g, want, budget)
+        chunked_sum_sq(self, a, g, want, ws)
+    }
+
+    /// Σ_n (per-sample gradient) of the requested parameters, i.e. the gradient of the summed
+    /// scalar (the rule checks compare it with autograd's). Default: `per_sample` in chunks of
+    /// `ws.budget`, summed; a rule with a cheaper sum overrides it.
+    fn summed(&self, a: &Tensor, g: &Tensor, want: Want, ws: &Workspace) -> Result<Slots> {
+        let mut out: Slots = [None, None];
+        for (start, len) in chunks(a.size()[0], self.chunk_size(a, g, ws.budget)) {
+            let ps = self.per_sample(&a.narrow(0, start, len), &g.narrow(0, start, len), want)?;
+            for (acc, t) in out.iter_mut().zip(ps) {
+                if let Some(t) = t {
+                    add_to(acc, t.sum_dim_intlist(0, false, Kind::Float));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds this call's per-sample gradients `[n, *param]` into `acc` (weight, bias), for a
+    /// parameter shared between layer calls; an absent entry becomes this call's. `fresh(shape)`
+    /// gives an uninitialised float32 buffer for a new weight entry (a workspace buffer, valid for
+    /// the chunk). Default: `per_sample`, added out of place; Linear and Embedding add in place.
+    fn accumulate_per_sample(
+        &self,
+        acc: &mut Slots,
+        a: &Tensor,
+        g: &Tensor,
+        want: Want,
+        _fresh: &dyn Fn(&[i64]) -> Tensor,
+    ) -> Result<()> {
+        let ps = self.per_sample(a, g, want)?;
+        for (acc, t) in acc.iter_mut().zip(ps) {
+            if let Some(t) = t {
+                add_to(acc, t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this rule's per-sample gradient touches few entries of its parameter (Embedding):
+    /// such calls are accumulated after the dense ones, into their buffers.
+    fn sparse_per_sample(&self) -> bool {
+        false
     }
 
     /// Whether each sample's weight gradient is one outer product of its input row and its
@@ -130,10 +173,10 @@ pub fn chunked_sum_sq<R: Rule + ?Sized>(
     a: &Tensor,
     g: &Tensor,
     want: Want,
-    budget: i64,
+    ws: &Workspace,
 ) -> Result<Slots> {
     let mut out: Slots = [None, None];
-    for (start, len) in chunks(a.size()[0], rule.chunk_size(a, g, budget)) {
+    for (start, len) in chunks(a.size()[0], rule.chunk_size(a, g, ws.budget)) {
         let ps = rule.per_sample(&a.narrow(0, start, len), &g.narrow(0, start, len), want)?;
         for (acc, t) in out.iter_mut().zip(ps) {
             if let Some(t) = t {
@@ -169,6 +212,26 @@ pub const REGISTRY: &[(&str, FromModule)] = &[
     (
         "torch.nn.modules.normalization.GroupNorm",
         norm::group_norm_from_module,
+    ),
+    (
+        "torch.nn.modules.normalization.RMSNorm",
+        norm::rms_norm_from_module,
+    ),
+    (
+        "transformers.models.llama.modeling_llama.LlamaRMSNorm",
+        norm::hf_rms_norm_from_module,
+    ),
+    (
+        "transformers.models.mistral.modeling_mistral.MistralRMSNorm",
+        norm::hf_rms_norm_from_module,
+    ),
+    (
+        "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
+        norm::hf_rms_norm_from_module,
+    ),
+    (
+        "transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm",
+        norm::hf_rms_norm_from_module,
     ),
     ("torch.nn.modules.sparse.Embedding", embedding::from_module),
     ("transformers.pytorch_utils.Conv1D", linear::from_hf_conv1d),

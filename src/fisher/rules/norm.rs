@@ -33,6 +33,15 @@ pub struct LayerNorm {
     pub eps: f64,
 }
 
+/// RMS normalisation over the last `ndim` dimensions: x̂ = x / sqrt(mean(x²) + eps), y = γ ⊙ x̂
+/// (`nn.RMSNorm`, and the RMSNorm of Hugging Face Llama, Mistral and Qwen models, which compute
+/// x̂ in float32). `eps: None` is `nn.RMSNorm`'s default: the machine epsilon of the input's dtype.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub ndim: usize,
+    pub eps: Option<f64>,
+}
+
 /// `nn.GroupNorm`: statistics per (sample, group) over the group's channels and positions.
 #[derive(Debug)]
 pub struct GroupNorm {
@@ -58,6 +67,23 @@ pub fn layer_norm_from_module(m: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn R
     Ok(Some(Arc::new(LayerNorm {
         ndim: m.getattr("normalized_shape")?.len()?,
         eps: m.getattr("eps")?.extract()?,
+    })))
+}
+
+/// `nn.RMSNorm` (without `elementwise_affine` it has no parameter, so no rule is asked for).
+pub fn rms_norm_from_module(m: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Rule>>> {
+    Ok(Some(Arc::new(RmsNorm {
+        ndim: m.getattr("normalized_shape")?.len()?,
+        eps: m.getattr("eps")?.extract()?,
+    })))
+}
+
+/// The Hugging Face RMSNorm classes of Llama, Mistral and Qwen: a `[hidden]` weight over the last
+/// dimension, epsilon `variance_epsilon`.
+pub fn hf_rms_norm_from_module(m: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Rule>>> {
+    Ok(Some(Arc::new(RmsNorm {
+        ndim: 1,
+        eps: Some(m.getattr("variance_epsilon")?.extract()?),
     })))
 }
 
@@ -116,6 +142,29 @@ impl Rule for LayerNorm {
     }
 }
 
+/// Machine epsilon of a floating dtype (`torch.finfo(dtype).eps`).
+fn machine_eps(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => 0.0009765625,
+        Kind::BFloat16 => 0.0078125,
+        Kind::Double => f64::EPSILON,
+        _ => f32::EPSILON as f64,
+    }
+}
+
+impl Rule for RmsNorm {
+    fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
+        let eps = self.eps.unwrap_or_else(|| machine_eps(a.kind()));
+        let g = g.to_kind(Kind::Float);
+        let a = a.to_kind(Kind::Float);
+        let d = a.dim() as i64;
+        let dims: Vec<i64> = ((d - self.ndim as i64)..d).collect();
+        let ms = a.square().mean_dim(dims.as_slice(), true, Kind::Float);
+        let xhat = &a * (ms + eps).rsqrt();
+        Ok(affine(&g, &xhat, want, |t| sum_middle(t, self.ndim)))
+    }
+}
+
 impl Rule for GroupNorm {
     fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
         let g = g.to_kind(Kind::Float);
@@ -159,6 +208,25 @@ mod tests {
         let ln = |x: &Tensor, w: &Tensor| x.layer_norm::<&Tensor>([5], Some(w), None, 1e-5, false);
         let want = autograd_per_sample(&a, &g, &w, ln);
         let rule = LayerNorm { ndim: 1, eps: 1e-5 };
+        let got = rule.per_sample(&a, &g, Want::WEIGHT).unwrap();
+        assert!(rel(got[0].as_ref().unwrap(), &want) < 1e-4);
+    }
+
+    #[test]
+    fn rms_norm_matches_autograd() {
+        tch::manual_seed(7);
+        let a = Tensor::randn([4, 3, 5], OPTS);
+        let g = Tensor::randn([4, 3, 5], OPTS);
+        let w = Tensor::randn([5], OPTS);
+        let rms = |x: &Tensor, w: &Tensor| {
+            let ms = x.square().mean_dim(-1, true, Kind::Float);
+            w * (x * (ms + 1e-6).rsqrt())
+        };
+        let want = autograd_per_sample(&a, &g, &w, rms);
+        let rule = RmsNorm {
+            ndim: 1,
+            eps: Some(1e-6),
+        };
         let got = rule.per_sample(&a, &g, Want::WEIGHT).unwrap();
         assert!(rel(got[0].as_ref().unwrap(), &want) < 1e-4);
     }
