@@ -16,5 +16,6 @@ def test_llm_figures_are_generated_from_the_results() -> None:
     )
     assert run.returncode == 0, run.stderr
     text = (REPO / "docs" / "llm.md").read_text()
-    for section in ("The 8-bit Fisher", "A billion parameters", "Fisher-weighted merging"):
+    sections = ("The Fisher of a language model", "The 8-bit Fisher", "A billion parameters", "Fisher-weighted merging")
+    for section in sections:
         assert f"## {section}" in text, section
