@@ -1,6 +1,7 @@
-"""The language-model fast paths of the Fisher engine, against the float64 per-sample reference
-(``tests/helpers/reference_sequences.py``), on real vocabulary sizes:
+"""The language-model fast paths of the Fisher engine on real vocabulary sizes, against the float64
+per-sample reference (``tests/helpers/reference_sequences.py``).
 
+Covered:
 - GPT-2's tied 50257-row embedding and LM head (the shared-parameter path: the head's per-sequence
   GEMM, the embedding's lookups added into it in place) and its learned position embedding, whose
   ``position_ids`` ``[1, T]`` serve the whole batch (recorded as one copy per sample);
