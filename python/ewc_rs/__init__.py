@@ -28,7 +28,7 @@ from ._fisher.api import fisher_diag, fisher_kfac  # noqa: E402
 from ._fisher.options import KINDS  # noqa: E402
 from ._state.fisher_dict import FisherDict  # noqa: E402
 from ._state.fisher_file import load_fisher, save_fisher  # noqa: E402
-from ._state.fisher_stats import FisherSummary, fisher_summary  # noqa: E402
+from ._state.fisher_stats import FisherSummary, equivalent_lam, fisher_summary  # noqa: E402
 from .ewc import EWC  # noqa: E402
 from .merging import fisher_merge  # noqa: E402
 
@@ -38,6 +38,7 @@ __all__ = [
     "FisherDict",
     "FisherSummary",
     "KINDS",
+    "equivalent_lam",
     "fisher_diag",
     "fisher_kfac",
     "fisher_merge",

@@ -42,6 +42,16 @@ def check_grad_scale(scale: Any) -> float:
     return float(scale)
 
 
+def check_damping(damping: Any, structure: str) -> float:
+    """The Kronecker factors' damping as a float. Raises ValueError unless it is a finite number ≥ 0,
+    and 0 for a structure other than ``"kfac"``."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping: expected a finite number >= 0, got {damping!r}")
+    if damping and structure != "kfac":
+        raise ValueError(f"damping: only structure='kfac' has factors to damp; this EWC has structure={structure!r}")
+    return float(damping)
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``; else a ValueError naming the argument ``name``."""
     if value not in choices:

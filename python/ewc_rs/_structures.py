@@ -74,6 +74,7 @@ def consolidate(
     structure: str,
     storage_dtype: torch.dtype,
     options: FisherOptions,
+    damping: float = 0.0,
 ) -> tuple[Task, dict[str, Any]]:
     """Estimates the task's curvature in the given structure and copies θ* (both detached).
 
@@ -85,6 +86,8 @@ def consolidate(
         structure: a name of :data:`STRUCTURES`.
         storage_dtype: dtype of the stored curvature and θ*.
         options: checked Fisher options.
+        damping: d ≥ 0 added as √d · I to each Kronecker factor of the stored task (``"kfac"``; the
+            returned estimate is undamped).
 
     Returns:
         ``(task, estimate)``: the task to store, and the estimate as returned by
@@ -111,8 +114,11 @@ def consolidate(
     with_bias = frozenset(s.module for s in result.sites if s.bias is not None)
     layers = layer_kind.from_factors(sharding.unwrap(model), factors, with_bias, rerun)  # DDP: the inner names
     diag = {n: f.detach() for n, f in result.diag.items() if n in chosen}
+    estimate_ = {"diag": diag, **layers.estimate()}
+    if damping and isinstance(layers, Kronecker):
+        layers = layers.damped(damping)
     blocks = tuple(b.cast(storage_dtype) for b in (Diagonal(diag), layers) if b.params)
-    return Task(_star(chosen, storage_dtype), blocks), {"diag": diag, **layers.estimate()}
+    return Task(_star(chosen, storage_dtype), blocks), estimate_
 
 
 def _star(chosen: Mapping[str, nn.Parameter], storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -126,6 +132,7 @@ def task_from_fisher(
     theta_star: Optional[Mapping[str, torch.Tensor]],
     structure: str,
     storage_dtype: torch.dtype,
+    damping: float = 0.0,
 ) -> Task:
     """The task of a precomputed Fisher: diagonal blocks from ``{name: F}`` (any structure), or, for
     ``structure="kfac"``, ``fisher_kfac``'s ``{"kron": {layer: (A, G)}, "diag": {name: F}}``.
@@ -137,6 +144,7 @@ def task_from_fisher(
         theta_star: θ* by name (default: the current weights).
         structure: the ``EWC``'s structure.
         storage_dtype: dtype of the stored F and θ*.
+        damping: d ≥ 0 added as √d · I to each given Kronecker factor.
 
     Returns:
         The task to store.
@@ -170,7 +178,7 @@ def task_from_fisher(
         why = block.misfit(model, dict(model.named_parameters()))
         if why is not None:
             raise ValueError(f"fisher: {why}")
-        blocks.append(block)
+        blocks.append(block.damped(damping))
         covered = block.params
     rest = {n: p for n, p in chosen.items() if n not in covered}
     missing = sorted(set(rest) - set(diag))

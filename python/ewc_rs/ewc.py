@@ -105,12 +105,17 @@ class EWC:
         """The model given at construction (the one ``penalty()`` reads by default)."""
         return self._model
 
-    def consolidate(self, loader: Iterable[Any], *, kind: str = DEFAULTS.kind, **fisher_options: Any) -> dict[str, Any]:
+    def consolidate(
+        self, loader: Iterable[Any], *, kind: str = DEFAULTS.kind, damping: float = 0.0, **fisher_options: Any
+    ) -> dict[str, Any]:
         """Estimates the curvature on ``loader`` for the current weights and stores it with θ*.
 
         Args:
             loader: iterable of ``(inputs, targets)`` batches of the task just learned.
             kind: Fisher kind (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
+            damping: ``structure="kfac"`` only: d ≥ 0 added as √d · I to both factors of each layer of
+                this task, (A + √d I) ⊗ (G + √d I) (Ritter et al. 2018's prior precision on the
+                factors); the returned estimate is undamped.
             **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, progress, group, ...), every structure.
 
         Returns:
@@ -119,25 +124,31 @@ class EWC:
         Raises:
             TypeError, ValueError: an unknown option; as :func:`ewc_rs.fisher_diag` (nothing is stored then).
         """
+        damping = options.check_damping(damping, self.structure)
         opts = parse_options(kind, **fisher_options, where="consolidate")
         keep = options.selected_parameters(self._model, self._selector)
-        new, est = consolidate(self._model, keep, loader, self.structure, self.storage_dtype, opts)
+        new, est = consolidate(self._model, keep, loader, self.structure, self.storage_dtype, opts, damping)
         self._add(new)
         return est
 
-    def consolidate_from(self, fisher: Mapping[str, Any], *, theta_star: Optional[Mapping[str, Any]] = None) -> None:
+    def consolidate_from(
+        self, fisher: Mapping[str, Any], *, theta_star: Optional[Mapping[str, Any]] = None, damping: float = 0.0
+    ) -> None:
         """Adds a task from a precomputed Fisher (e.g. :func:`ewc_rs.load_fisher`) as ``consolidate`` would.
 
         Args:
             fisher: ``{name: F}`` for every protected parameter (``params=``; others are ignored), or with
                 ``structure="kfac"`` :func:`ewc_rs.fisher_kfac`'s ``{"kron": ..., "diag": ...}``.
             theta_star: θ* by name (default: the model's current weights).
+            damping: as for :meth:`consolidate` (``structure="kfac"``), added to the given factors.
 
         Raises:
-            ValueError: a protected parameter without F or θ*, of another shape, negative or non-finite F.
+            ValueError: a protected parameter without F or θ*, of another shape, negative or non-finite F;
+                bad ``damping``.
         """
+        damping = options.check_damping(damping, self.structure)
         keep = options.selected_parameters(self._model, self._selector)
-        self._add(task_from_fisher(self._model, keep, fisher, theta_star, self.structure, self.storage_dtype))
+        self._add(task_from_fisher(self._model, keep, fisher, theta_star, self.structure, self.storage_dtype, damping))
 
     def _add(self, new: Task) -> None:
         online = self.mode == "online"

@@ -267,3 +267,49 @@ def test_progress_bar_and_unknown_options(seed: int) -> None:
     with pytest.raises(TypeError, match="consolidate: unexpected Fisher option.*warp"):
         ewc.consolidate(batches, warp=3)
     assert ewc.num_tasks == 0
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_damping_adds_root_d_identity_to_each_factor_of_the_stored_task(mode: str, seed: int) -> None:
+    """``consolidate(damping=d)``: the penalty and gradient are those of (A + √d I) ⊗ (G + √d I) per
+    layer (materialised), the returned estimate stays undamped; ``consolidate_from`` damps the same."""
+    model, batches = make_batches("cnn", seed=seed % 1000, data_seed=seed)
+    d = float(10.0 ** torch.empty(1).uniform_(-3, 0, generator=torch.Generator().manual_seed(seed)).item())
+    lam = 2.0
+    ewc = EWC(model, lam, structure="kfac", norm_stats="update", mode=mode)
+    fisher = ewc.consolidate(batches, damping=d)
+    plain = fisher_kfac(model, batches)
+    for m, (a, g) in plain["kron"].items():
+        assert rel(fisher["kron"][m][0], a) < 1e-6 and rel(fisher["kron"][m][1], g) < 1e-6, f"seed={seed} {m}"
+    stars = {m: weight_matrix(mod) for m, mod in kron_layers(model).items()}
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher["diag"]}
+    damped = {
+        m: (a.double() + d**0.5 * torch.eye(a.shape[0]), g.double() + d**0.5 * torch.eye(g.shape[0]))
+        for m, (a, g) in fisher["kron"].items()
+    }
+    from_given = EWC(model, lam, structure="kfac", norm_stats="update", mode=mode)
+    from_given.consolidate_from(plain, damping=d)
+    _train_a_little(model, batches, seed)
+    want = _reference_penalty(model, [{"kron": damped, "diag": fisher["diag"], "star": stars, "theta": theta}], lam)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    for what, e in (("consolidate", ewc), ("consolidate_from", from_given)):
+        got = e.penalty(model)
+        grads = torch.autograd.grad(got, list(model.parameters()))
+        assert rel(got, want) < 1e-5, f"seed={seed} {what}: {float(got)} vs {float(want)}"
+        for (n, _), g, w in zip(model.named_parameters(), grads, want_grads):
+            assert rel(g, w) < 1e-4, f"seed={seed} {what} parameter {n}: {rel(g, w)}"
+    undamped = EWC(model, lam, structure="kfac", norm_stats="update")
+    undamped.consolidate_from(plain)
+    assert float(undamped.penalty(model)) < float(want)  # the damping adds a positive definite part
+
+
+def test_damping_is_refused_where_it_means_nothing(seed: int) -> None:
+    model, batches = make_batches("cnn", seed=seed % 1000, data_seed=seed)
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="damping: expected a finite number >= 0"):
+            EWC(model, 1.0, structure="kfac", norm_stats="update").consolidate(batches, damping=bad)
+    for structure in ("diag", "ekfac"):
+        ewc = EWC(model, 1.0, structure=structure, norm_stats="update")
+        with pytest.raises(ValueError, match="damping: only structure='kfac'"):
+            ewc.consolidate(batches, damping=0.1)
+        assert ewc.num_tasks == 0

@@ -24,6 +24,7 @@ up to a heuristic scaling, which is exact only in special cases.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -73,6 +74,19 @@ class Kronecker(LayerBlock):
 
     def cast(self, dtype: torch.dtype) -> Kronecker:
         return Kronecker({m: (a.to(dtype), g.to(dtype)) for m, (a, g) in self.factors.items()}, self.with_bias)
+
+    def damped(self, damping: float) -> Kronecker:
+        """Each factor plus √damping · I: the block (A + √d I) ⊗ (G + √d I) = A ⊗ G + √d (A ⊗ I + I ⊗ G)
+        + d I, Ritter et al.'s (2018) prior precision on the factors (d = 0: this block)."""
+        if damping == 0.0:
+            return self
+        root = math.sqrt(damping)
+        out = {}
+        for m, (a, g) in self.factors.items():
+            eye_a = torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
+            eye_g = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+            out[m] = (a + root * eye_a, g + root * eye_g)
+        return Kronecker(out, self.with_bias)
 
     def fold(self, old: Optional[Block], gamma: float) -> Kronecker:
         """Per layer, the nearest Kronecker product to γ A_old ⊗ G_old + A_new ⊗ G_new (this block's

@@ -1,8 +1,10 @@
 """Where a Fisher's mass lies: ``fisher_summary``, per-tensor statistics computed in Rust (GIL
-released) and returned as numpy arrays the Rust side made (``FisherSummary``)."""
+released) and returned as numpy arrays the Rust side made (``FisherSummary``); ``equivalent_lam``
+translates λ between two Fishers by their masses."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -94,3 +96,49 @@ def fisher_summary(
         edges=np.asarray(edges, dtype=np.float64),
         histogram=histogram,
     )
+
+
+def equivalent_lam(lam: float, source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> float:
+    """The λ for a ``target`` Fisher that gives the penalty strength ``lam`` gives with ``source``.
+
+    Two Fisher kinds estimated on the same model and data differ mostly in scale: the ``batched``
+    estimator is about 1/batch-size of the others. Matching their masses Σ_i F_i (the penalty
+    of a perturbation of the same size in every parameter) translates λ between them:
+    λ_target = λ · Σ F_source / Σ F_target, summed in float64 over the parameters both hold.
+    ``docs`` ("Choosing the Fisher and λ") compares this with the λ a validation grid picks.
+
+    Example::
+
+        exact = ewc_rs.fisher_diag(model, loader, kind="exact")
+        batched = ewc_rs.fisher_diag(model, loader, kind="batched")
+        lam_batched = ewc_rs.equivalent_lam(100.0, exact, batched)   # ≈ 100 × batch size
+
+    Args:
+        lam: λ ≥ 0 tuned for ``source`` (finite).
+        source: ``{name: F}`` the λ was chosen for.
+        target: ``{name: F}`` of the same parameters (another kind, data size or estimator).
+
+    Returns:
+        The equivalent λ for ``target``.
+
+    Raises:
+        ValueError: ``lam`` negative or not finite; a Fisher that is not a non-empty mapping of finite
+            non-negative float tensors; the two name different parameters or shapes; ``target``'s
+            mass is zero while ``source``'s is not.
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
+    src, tgt = checked(source), checked(target)
+    if set(src) != set(tgt):
+        only = sorted(set(src) ^ set(tgt))[:5]
+        raise ValueError(f"source, target: expected Fishers of the same parameters; only in one of them: {only}")
+    for n, f in src.items():
+        if f.shape != tgt[n].shape:
+            raise ValueError(f"target: '{n}' has shape {tuple(tgt[n].shape)}, source has {tuple(f.shape)}")
+    mass_src = sum(float(f.detach().double().sum()) for f in src.values())
+    mass_tgt = sum(float(f.detach().double().sum()) for f in tgt.values())
+    if mass_tgt == 0.0:
+        if mass_src == 0.0:
+            return float(lam)
+        raise ValueError("target: its Fisher mass is 0, so no λ makes its penalty match the source's")
+    return float(lam) * mass_src / mass_tgt
