@@ -8,6 +8,7 @@ repository); tests that need it skip, saying why, when it is missing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -186,3 +187,48 @@ def test_permuted_methods_option_runs_kfac(tmp_path: Path) -> None:
 def test_permuted_methods_option_refuses_unknown_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--methods: expected names among"):
         _demo_main(["permuted", "--quick", "--out", str(tmp_path), "--methods", "none,kfca"])
+
+
+@needs_data
+def test_fisher_kinds_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quick setting of ``fisher_kinds`` on MNIST: every variant, the validation grid, the seeds,
+    the class-incremental column, the Fisher masses, the table and the figure."""
+    from ewc_rs.demo.fisher_kinds import CLASS_IL_VARIANTS, QUICK, VARIANTS
+
+    argv = ["fisher_kinds", "--quick", "--data", str(DATA), "--out", str(tmp_path), "--datasets", "mnist"]
+    assert _demo_main(argv) == 0
+    payload = json.loads((tmp_path / "fisher_kinds.json").read_text())
+    assert payload["seeds"] == 2 and payload["protocol"]["quick"] is True
+    ds = payload["datasets"]["mnist"]
+    task, cls = ds["task_il"], ds["class_il"]
+    assert list(task["results"]) == list(VARIANTS) and list(cls["results"]) == list(CLASS_IL_VARIANTS)
+    for variant, r in {**task["results"], **{f"class {k}": v for k, v in cls["results"].items()}}.items():
+        assert len(r["accuracy"]) == 2 and all(_is_accuracy(a) for a in r["accuracy"]), variant
+        assert r["mean"] == pytest.approx(sum(r["accuracy"]) / 2)
+        assert r["se"] == pytest.approx(abs(r["accuracy"][0] - r["accuracy"][1]) / 2)
+        assert all(len(p) == 5 for p in r["per_task"])
+        assert all(t >= f >= 0 for t, f in zip(r["train_s"], r["fisher_s"])), variant
+    assert task["search_start"]["exact"] == QUICK.lam_start
+    for variant in VARIANTS[:-1]:
+        lams = [float(k) for k in task["validation"][variant]]
+        start = task["search_start"][variant]
+        # decades around the start (at most QUICK.max_decades of them, no refinement in the quick setting)
+        assert start in lams and 3 <= len(lams) <= QUICK.max_decades, (variant, lams)
+        assert all(math.isclose(math.log10(lam / start), round(math.log10(lam / start))) for lam in lams)
+        best = max(task["validation"][variant], key=lambda k: task["validation"][variant][k])
+        assert f"{task['chosen_lam'][variant]:g}" == best, variant
+        assert sum(task["results"][variant]["fisher_s"]) > 0
+    assert task["chosen_lam"]["none"] is None and task["results"]["none"]["fisher_s"] == [0.0, 0.0]
+    mass = ds["fisher_mass"]
+    assert set(mass) == set(VARIANTS[:-1]) and all(m > 0 for m in mass.values())
+    assert mass["batched"] < mass["empirical"]  # squares of batch means: far smaller
+    assert _is_png(tmp_path / "fisher_kinds.png")
+    out = capsys.readouterr().out
+    assert "| exact_500 |" in out and "van de Ven" in out
+
+
+def test_fisher_kinds_refuses_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--datasets: expected names among"):
+        _demo_main(["fisher_kinds", "--quick", "--out", str(tmp_path), "--datasets", "cifar"])
+    with pytest.raises(ValueError, match="--seeds: expected a positive number"):
+        _demo_main(["fisher_kinds", "--quick", "--out", str(tmp_path), "--seeds", "0"])

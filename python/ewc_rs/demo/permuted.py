@@ -24,7 +24,8 @@ Methods (keys of ``OUT/permuted.json``'s ``"permuted"``):
     ``exact`` Fisher on the same 2000 images, one (A, G) pair per layer and task (``kfac``) or
     one folded pair per layer (``kfac_online``, γ = 1). λ = 3 for both, from the same validation
     sweep (its Kronecker penalty couples the weights of a layer, and is larger than the diagonal's
-    for the same λ).
+    for the same λ). ``--damping d`` adds √d · I to both factors of each task (Ritter et al.'s
+    prior precision; default 0), ``--kfac-lam`` sets their λ.
 ``ekfac``, ``ekfac_online`` (not in the default run; ``--methods``)
     Eigenvalue-corrected KFAC (George et al. 2018): ``EWC(model, λ, structure="ekfac")``, the
     eigenbases of the same (A, G) with the corrected diagonal S from a second pass over the same
@@ -45,7 +46,8 @@ values above are each method's best on that grid (the table is in :mod:`.sweep`'
 uses 100 × that value; ``l2`` keeps its own.
 
 Outputs: ``OUT/permuted.json`` = ``{"permuted": {method: [average accuracy over the tasks seen
-so far, after each task]}, "matrix": {method: [[accuracy on task j after task i, j ≤ i] ...]}}``,
+so far, after each task]}, "matrix": {method: [[accuracy on task j after task i, j ≤ i] ...]},
+"config": {the setting run}}``,
 ``OUT/permuted.png`` (average accuracy vs. number of tasks) and ``OUT/permuted_matrix.png``
 (accuracy matrices as heat maps).
 
@@ -107,6 +109,8 @@ PERMUTED_CONFIG: dict[str, Any] = {
     },
     "fisher_samples": 2000,
     "fisher_samples_batched": 30000,  # 300 batches of 100, capped by the data
+    # kfac, kfac_online: d of (A + √d I) ⊗ (G + √d I), Ritter et al.'s prior precision on the factors.
+    "kfac_damping": 0.0,
 }
 QUICK_CONFIG: dict[str, Any] = {
     **PERMUTED_CONFIG,
@@ -215,7 +219,9 @@ def run_method(
                         fisher_loader, kind="batched", num_samples=min(cfg["fisher_samples_batched"], len(xtr))
                     )
                 else:
-                    opts = {"generator": gen} if kind == "mc" else {}
+                    opts: dict[str, Any] = {"generator": gen} if kind == "mc" else {}
+                    if method.startswith("kfac"):
+                        opts["damping"] = cfg["kfac_damping"]
                     reg.consolidate(fisher_loader, kind=kind, num_samples=min(cfg["fisher_samples"], len(xtr)), **opts)
     return matrix
 
@@ -237,6 +243,9 @@ def run_permuted(
     methods: Sequence[str] = METHODS,
     progress: bool = False,
     verbose: bool = True,
+    epochs: Optional[int] = None,
+    kfac_lam: Optional[float] = None,
+    damping: Optional[float] = None,
 ) -> dict[str, Any]:
     """Runs every method, prints the table, writes ``permuted.json``, ``permuted.png`` and
     ``permuted_matrix.png`` into ``out``. Without matplotlib the figures are skipped, and one
@@ -253,6 +262,9 @@ def run_permuted(
         methods: which methods to run (:data:`ALL_METHODS`; default :data:`METHODS`).
         progress: tqdm bars.
         verbose: print the table and timings.
+        epochs: epochs per task (default 3; quick: 2).
+        kfac_lam: λ of kfac and kfac_online (default 3).
+        damping: d ≥ 0 of kfac and kfac_online's factors, (A + √d I) ⊗ (G + √d I) (default 0).
 
     Returns:
         ``{"permuted": {method: [avg accuracy after each task]}, "matrix": {method: matrix}}``.
@@ -271,6 +283,16 @@ def run_permuted(
         if tasks < 1:
             raise ValueError(f"--tasks: expected a positive number, got {tasks}")
         cfg["tasks"] = tasks
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"--epochs: expected a positive number, got {epochs}")
+        cfg["epochs"] = epochs
+    if kfac_lam is not None:
+        cfg["lam"]["kfac"] = cfg["lam"]["kfac_online"] = float(kfac_lam)
+    if damping is not None:
+        if not damping >= 0:
+            raise ValueError(f"--damping: expected a number >= 0, got {damping}")
+        cfg["kfac_damping"] = float(damping)
     if lam is not None:
         for k in ("ewc_exact", "ewc_empirical", "ewc_mc"):
             cfg["lam"][k] = float(lam)
@@ -295,7 +317,12 @@ def run_permuted(
         curves[method] = averages(matrices[method])
         say(f"  {method}: {time.perf_counter() - t0:.1f} s")
 
-    payload = {"permuted": curves, "matrix": matrices}
+    setting = {k: cfg[k] for k in ("tasks", "epochs", "batch_size", "lr", "fisher_samples", "kfac_damping")}
+    payload = {
+        "permuted": curves,
+        "matrix": matrices,
+        "config": {**setting, "lam": {m: cfg["lam"].get(m) for m in methods}},
+    }
     (out / "permuted.json").write_text(json.dumps(payload, indent=2) + "\n")
     written = [out / "permuted.json"]
     if with_plots:

@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PLOTS_SKIPPED", "plots_available", "plot_seed", "plot_permuted", "plot_matrices", "plot_merge"]
+__all__ = [
+    "PLOTS_SKIPPED",
+    "plots_available",
+    "plot_seed",
+    "plot_permuted",
+    "plot_matrices",
+    "plot_merge",
+    "plot_fisher_kinds",
+]
 
 PLOTS_SKIPPED = "plots skipped: matplotlib is not installed; pip install 'ewc_rs[demo]' to get them"
 """The one line a demo prints when it cannot draw its figures."""
@@ -170,6 +178,54 @@ def plot_merge(
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.legend(loc="upper center", ncol=len(metrics), fontsize=8)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_fisher_kinds(payload: dict[str, Any], path: Optional[Union[str, Path]] = None) -> Figure:
+    """Per data set of ``python -m ewc_rs.demo fisher_kinds``: mean ± s.e. test accuracy per Fisher
+    variant (task- and class-incremental), and the validation accuracy against λ per variant."""
+    names = list(payload["datasets"])
+    fig = _new_figure((11, 3.6 * len(names)))
+    axes = fig.subplots(len(names), 2, squeeze=False)
+    for (ax_bar, ax_lam), name in zip(axes, names):
+        ds = payload["datasets"][name]
+        task = ds["task_il"]["results"]
+        variants = list(task)
+        x = np.arange(len(variants))
+        means = [100 * task[v]["mean"] for v in variants]
+        errs = [100 * task[v]["se"] for v in variants]
+        bars = ax_bar.bar(x - 0.2, means, 0.4, yerr=errs, capsize=3, label="task-incremental")
+        ax_bar.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        cls = ds["class_il"]["results"]
+        cx = [i for i, v in enumerate(variants) if v in cls]
+        bars = ax_bar.bar(
+            np.array(cx) + 0.2,
+            [100 * cls[variants[i]]["mean"] for i in cx],
+            0.4,
+            yerr=[100 * cls[variants[i]]["se"] for i in cx],
+            capsize=3,
+            label="class-incremental",
+        )
+        ax_bar.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax_bar.set_xticks(x, variants, fontsize=8)
+        ax_bar.set_ylim(0, 110)
+        ax_bar.set_ylabel("average test accuracy (%)")
+        ax_bar.set_title(f"{name}: accuracy after 5 tasks ({payload['seeds']} seeds)", fontsize=9)
+        ax_bar.legend(fontsize=7, loc="lower left")
+        for variant, scores in ds["task_il"]["validation"].items():
+            if variant == "none":
+                ax_lam.axhline(100 * scores["-"], color="grey", linestyle=":", label="none")
+                continue
+            lams = [float(k) for k in scores]
+            ax_lam.plot(lams, [100 * v for v in scores.values()], marker="o", markersize=3, label=variant)
+        ax_lam.set_xscale("log")
+        ax_lam.set_xlabel("λ")
+        ax_lam.set_ylabel("validation accuracy (%), seed 0")
+        ax_lam.set_title(f"{name}: task-incremental, validation accuracy against λ", fontsize=9)
+        ax_lam.grid(alpha=0.3)
+        ax_lam.legend(fontsize=7)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

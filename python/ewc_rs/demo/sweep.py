@@ -1,6 +1,7 @@
 """Validation sweep that chose λ for the permuted demo (never looks at a test set).
 
-    python -m ewc_rs.demo.sweep [--data DIR] [--out DIR] [--tasks 5] [--quick]
+    python -m ewc_rs.demo.sweep [--data DIR] [--out DIR] [--tasks 5] [--quick] [--methods ...]
+                                [--lams 1 3 10] [--dampings 0 1e-3] [--epochs 3]
 
 The MNIST training images (8000 here: the t10k file's training part, see
 :func:`.datasets.load_split`) are split again, with a fixed seed, into 6000 for training and
@@ -65,12 +66,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", default=list(GRID))
+    p.add_argument("--lams", type=float, nargs="*", default=None, help="λ grid for every method (default: GRID)")
+    p.add_argument(
+        "--dampings", type=float, nargs="*", default=[0.0], help="kfac, kfac_online: damping d values, crossed with λ"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the demo's)")
     args = p.parse_args(argv)
     set_threads(None)
 
     cfg = dict(QUICK_CONFIG if args.quick else PERMUTED_CONFIG)
     if args.tasks is not None:
         cfg["tasks"] = args.tasks
+    if args.epochs is not None:
+        cfg["epochs"] = args.epochs
     mnist = load_data("mnist", args.data, seed=0)
     x, y = mnist.x_train, mnist.y_train
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(4321))
@@ -83,24 +91,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
 
     results: dict[str, dict[str, list[float]]] = {}
-    best: dict[str, float] = {}
+    best: dict[str, str] = {}
     for method in args.methods:
         results[method] = {}
-        for lam in GRID[method]:
-            t0 = time.perf_counter()
-            run_cfg = {**cfg, "lam": {**cfg["lam"], method: lam}}
-            curve = averages(run_method(method, tasks, run_cfg, seed=args.seed))
-            results[method][f"{lam:g}"] = curve
-            print(
-                f"  {method:14s} λ={lam:<8g} final val avg {curve[-1]:.4f}  ({time.perf_counter() - t0:.1f} s)",
-                flush=True,
-            )
-        best[method] = max(GRID[method], key=lambda lam: results[method][f"{lam:g}"][-1])
+        dampings = args.dampings if method.startswith("kfac") else [0.0]
+        for damping in dampings:
+            for lam in args.lams or GRID[method]:
+                t0 = time.perf_counter()
+                run_cfg = {**cfg, "lam": {**cfg["lam"], method: lam}, "kfac_damping": damping}
+                curve = averages(run_method(method, tasks, run_cfg, seed=args.seed))
+                key = f"{lam:g}" if damping == 0.0 else f"{lam:g}, d={damping:g}"
+                results[method][key] = curve
+                print(
+                    f"  {method:14s} λ={key:<14s} final val avg {curve[-1]:.4f}  ({time.perf_counter() - t0:.1f} s)",
+                    flush=True,
+                )
+        best[method] = max(results[method], key=lambda k: results[method][k][-1])
     none_curve = averages(run_method("none", tasks, cfg, seed=args.seed))
     print(f"  none           final val avg {none_curve[-1]:.4f}")
     print("\nbest λ (final average validation accuracy):")
-    for method, lam in best.items():
-        print(f"  {method:14s} λ={lam:g}: {results[method][f'{lam:g}'][-1]:.4f}")
+    for method, key in best.items():
+        print(f"  {method:14s} λ={key}: {results[method][key][-1]:.4f}")
     print()
     print(format_grid(results))
     out = Path(args.out)
