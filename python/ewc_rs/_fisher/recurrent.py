@@ -12,9 +12,11 @@ holding the layer's own parameter objects (``weight_ih_l0``, ``bias_hh_l0_revers
   ``proj_size``) is one weight called once per step. Its per-sample gradient must be the sum over
   the steps before it is squared, which the Linear rule also gives for a sequence: the steps are
   recorded as ONE call whose input is the stacked ``h_{t-1}`` ``[N, T, H]`` and whose output is a
-  zero tensor ``Z`` ``[N, T, G]`` added to step t's projection (``+ Z[:, t]``), so that the
-  gradient of ``Z[:, t]`` is the gradient of step t's projection output. The bias ``b_hh`` stays
-  in the hidden projection, so GRU's ``r ⊙ (W_hn h + b_hn)`` is exact.
+  tensor ``Z`` ``[N, T, G]`` whose slice ``Z[:, t]`` step t adds to its projection, so that the
+  gradient of ``Z[:, t]`` is the gradient of step t's projection output: for GRU (and LSTM's
+  ``W_hr``) a zero tensor; for RNN and LSTM, whose gates add the two projections,
+  ``x_proj + b_hh`` itself. The bias ``b_hh`` stays in the hidden projection, so GRU's
+  ``r ⊙ (W_hn h + b_hn)`` is exact.
 
 Variants: ``num_layers`` > 1, ``bidirectional``, ``proj_size`` (LSTM), ``batch_first`` both ways,
 biases on or off, initial states given or not, ``PackedSequence`` input (run padded in the
@@ -220,19 +222,26 @@ class Unrolled:
 
         Step t's hidden projection is ``addmm(Z[:, t] + b_hh, h, W_hhᵀ)``: its gradient w.r.t.
         ``Z[:, t]`` is the projection's output gradient. For RNN and LSTM, whose gates add the two
-        projections, ``x_proj + b_hh + Z`` is added once for the whole sequence before the loop."""
+        projections, ``Z = x_proj + b_hh`` itself (one add for the whole sequence), since the
+        gradient of either summand is that of the gates."""
         mode = self.rnn.mode
         record = self._record
         assert record is not None
         n, t = x.shape[0], x.shape[1]
         hh, hr = cell.hh, cell.hr
         xp = cell.ih(x)  # one recorded Linear call over the sequence, [N, T, G]
-        z_hh = torch.zeros(n, t, hh.out_features, dtype=x.dtype, device=x.device, requires_grad=True)
-        base = z_hh if hh.bias is None else z_hh + hh.bias
-        if mode == "GRU":
-            gi, gh0 = xp.unbind(1), base.unbind(1)  # r ⊙ (W_hn h + b_hn): the projections stay apart
+        gi_rz: tuple[torch.Tensor, ...] = ()
+        gi_n: tuple[torch.Tensor, ...] = ()
+        if mode == "GRU":  # r ⊙ (W_hn h + b_hn): the projections stay apart, Z carries the hidden one
+            hh_out = torch.zeros(n, t, hh.out_features, dtype=x.dtype, device=x.device, requires_grad=True)
+            hid3 = xp.shape[-1] // 3
+            gi_rz, gi_n = xp[..., : 2 * hid3].unbind(1), xp[..., 2 * hid3 :].unbind(1)
+            gh0 = (hh_out if hh.bias is None else hh_out + hh.bias).unbind(1)
         else:
-            gi, gh0 = (), (xp + base).unbind(1)
+            # The gates add the two projections, so the gradient of step t's hidden projection is
+            # that of x_proj[:, t] + b_hh: that sum serves as Z (a view when there is no b_hh).
+            hh_out = xp.view_as(xp) if hh.bias is None else xp + hh.bias
+            gh0 = hh_out.unbind(1)
         w_hh = hh.weight.t()
         z_hr = None
         zr: tuple[torch.Tensor, ...] = ()
@@ -251,19 +260,21 @@ class Unrolled:
             new_c = None
             if mode == "LSTM":
                 assert c is not None
-                sig = torch.sigmoid(proj)  # i, f, o (g's sigmoid unused)
-                g = torch.tanh(proj[:, 2 * hid : 3 * hid])
-                new_c = torch.addcmul(sig[:, hid : 2 * hid] * c, sig[:, :hid], g)
-                m = sig[:, 3 * hid :] * torch.tanh(new_c)
+                # unsafe_chunk, as PyTorch's own cell: one backward node (a cat) instead of a
+                # zero-filled gradient per slice
+                i, f, g, o = proj.unsafe_chunk(4, dim=1)
+                new_c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
+                m = torch.sigmoid(o) * torch.tanh(new_c)
                 if hr is not None and w_hr is not None:
                     cells_in.append(m)
                     new_h = torch.addmm(zr[s], m, w_hr)
                 else:
                     new_h = m
             elif mode == "GRU":
-                rz = torch.sigmoid(gi[s][:, : 2 * hid] + proj[:, : 2 * hid])
-                cand = torch.tanh(torch.addcmul(gi[s][:, 2 * hid :], rz[:, :hid], proj[:, 2 * hid :]))
-                new_h = torch.addcmul(cand, rz[:, hid:], h - cand)
+                h_rz, h_n = proj.split([2 * hid, hid], dim=1)
+                r, z = torch.sigmoid(gi_rz[s] + h_rz).unsafe_chunk(2, dim=1)
+                cand = torch.tanh(torch.addcmul(gi_n[s], r, h_n))
+                new_h = torch.addcmul(cand, z, h - cand)
             else:
                 new_h = torch.tanh(proj) if mode == "RNN_TANH" else torch.relu(proj)
             if mask is not None:
@@ -277,7 +288,7 @@ class Unrolled:
             prev.reverse()
             cells_in.reverse()
             outs.reverse()
-        record(hh, torch.stack(prev, dim=1), z_hh)
+        record(hh, torch.stack(prev, dim=1), hh_out)
         if hr is not None and z_hr is not None:
             record(hr, torch.stack(cells_in, dim=1), z_hr)
         return torch.stack(outs, dim=1), h, c
