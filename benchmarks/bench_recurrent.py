@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ewc_rs  # noqa: E402
 from common import median_time, write_results  # noqa: E402
 from ewc_rs._fisher import recording  # noqa: E402  (to switch the unrolling off for the "before" figure)
+from ewc_rs._fisher.api import estimate  # noqa: E402  (which parameters took the fallback)
+from ewc_rs._fisher.options import parse_options  # noqa: E402
 
 IN, HIDDEN, STEPS, BATCH, CLASSES = 32, 64, 20, 64, 10
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -110,7 +112,9 @@ def backpack_fisher(model: nn.Module, batches: list) -> dict[str, torch.Tensor]:
         with backpack(SumGradSquared()):
             lossfn(model(x), y).backward()
         for k, p in model.named_parameters():
-            acc[k] += p.sum_grad_squared  # type: ignore[attr-defined]
+            if not hasattr(p, "sum_grad_squared"):  # BackPACK skips a module it has no extension for
+                raise NotSupported(f"not supported: BackPACK computed no SumGradSquared for {k} (no extension)")
+            acc[k] += p.sum_grad_squared
         n += x.shape[0]
     return {k: v / n for k, v in acc.items()}
 
@@ -150,9 +154,6 @@ def run_cell(name: str, n: int, repeats: int) -> dict[str, Any]:
         errors["backpack"] = str(e)
     except Exception as e:  # BackPACK's extension does not support this layer (or this use of it)
         errors["backpack"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    from ewc_rs._fisher.api import estimate
-    from ewc_rs._fisher.options import parse_options
-
     in_fallback = estimate(model, batches, parse_options("empirical")).fallback
     samples: dict[str, list[float]] = {m: [] for m in methods}
     # Interleaved rounds (one call of each method per round) so that the machine's noise (another

@@ -206,6 +206,24 @@ def test_kfac_gives_the_recurrent_parameters_their_diagonal(seed: int) -> None:
     check_close(recurrent_part(got["diag"]), want, f"seed={seed} kfac diag")
 
 
+@pytest.mark.parametrize("frozen", ["rnn.weight_ih_l0", "rnn.bias_hh_l0", "all"])
+def test_frozen_recurrent_parameters(frozen: str, seed: int) -> None:
+    """Frozen parameters have no Fisher; the others still run through the rules, exactly. A layer
+    whose parameters are all frozen is not unrolled."""
+    torch.manual_seed(seed % 100_000)
+    model = Rec("gru", num_layers=2, batch_first=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not (name == frozen or (frozen == "all" and name.startswith("rnn."))))
+    data = batches(seed)
+    got = fisher_diag(model, data, kind="exact")
+    check_close(got, reference_fisher(model, data, kind="exact"), f"seed={seed} frozen {frozen}")
+    assert frozen not in got
+    opts = parse_options("exact")
+    assert estimate(model, data, opts).fallback == []
+    unrolled = recording.cover_model(model).recurrent
+    assert len(unrolled) == (0 if frozen == "all" else 1)
+
+
 class OwnForward(nn.LSTM):
     """A subclass whose forward adds to the output: the unrolled forward would be wrong."""
 

@@ -117,7 +117,11 @@ def cover_model(model: nn.Module) -> RuleCoverage:
         cov.to_fallback(slot_of[id(p)] for p in ps if id(p) in slot_of)
 
     cov.attention = [Decomposed(m, params_to_fallback) for m in model.modules() if attention_eligible(m)]
-    cov.recurrent = [Unrolled(m, params_to_fallback) for m in model.modules() if recurrent_eligible(m)]
+    cov.recurrent = [
+        Unrolled(m, params_to_fallback)
+        for m in model.modules()
+        if recurrent_eligible(m) and any(id(p) in slot_of for p in m.parameters(recurse=False))
+    ]
     covered = {id(p) for a in cov.decomposed() for p in a.parameters()}
     for module in model.modules():
         own = [
