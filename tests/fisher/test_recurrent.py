@@ -5,8 +5,8 @@ dropout between layers, packed sequences, a layer called twice) must match the f
 per-sample reference and the exact fallback the recurrent parameters took before, for every
 kind; and none of its parameters may go to the fallback. The guards (a subclass with its own
 forward, an unrolled forward that differs from the original, a weight also used outside the
-layer) must send the parameters to the fallback and stay exact. Inputs are drawn fresh; the seed
-is printed (``EWC_RS_TEST_SEED`` pins it).
+layer, unbatched input) must send the parameters to the fallback and stay exact. Inputs are
+drawn fresh; the seed is printed (``EWC_RS_TEST_SEED`` pins it).
 """
 
 from __future__ import annotations
@@ -246,12 +246,24 @@ class Shared(nn.Module):
         return self.head(torch.cat([out[:, -1], extra], dim=1))
 
 
+class Unbatched(nn.Module):
+    """An LSTM called sample by sample with unbatched [T, F] input (no sample dim: not unrolled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(IN, HID)
+        self.head = nn.Linear(HID, C)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return self.head(torch.stack([self.rnn(xi)[0][-1] for xi in x]))
+
+
 def _differs(self: Unrolled, input: Any, hx: Any) -> Any:
     out, state = Unrolled._unrolled_original(self, input, hx)  # type: ignore[attr-defined]
     return out * 1.01, state
 
 
-@pytest.mark.parametrize("case", ["subclass", "differs", "shared_weight"])
+@pytest.mark.parametrize("case", ["subclass", "differs", "shared_weight", "unbatched"])
 def test_guards_send_to_fallback_and_stay_exact(case: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(seed % 100_000)
     model: nn.Module
@@ -262,6 +274,8 @@ def test_guards_send_to_fallback_and_stay_exact(case: str, seed: int, monkeypatc
         model = Rec("gru", num_layers=2, batch_first=True)
         monkeypatch.setattr(Unrolled, "_unrolled_original", Unrolled._unrolled, raising=False)
         monkeypatch.setattr(Unrolled, "_unrolled", _differs)
+    elif case == "unbatched":
+        model = Unbatched()
     else:
         model = Shared()
     data = batches(seed)
