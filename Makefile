@@ -97,6 +97,7 @@ bench: build
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) -c $(TORCH_CONSTRAINT) -r requirements-bench.txt
 	$(PY) benchmarks/bench_fisher.py
 	$(PY) benchmarks/bench_penalty.py
+	$(PY) benchmarks/bench_recurrent.py --threads 1
 
 # A wheel that does not bundle libtorch (it loads torch's own at import).
 wheel: setup

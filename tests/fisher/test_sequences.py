@@ -43,7 +43,7 @@ class Tagger(nn.Module):
 
 
 class GRUTagger(nn.Module):
-    """A GRU between embedding and output: its parameters take the exact fallback."""
+    """A GRU between embedding and output (run unrolled, its projections through the Linear rule)."""
 
     def __init__(self) -> None:
         super().__init__()

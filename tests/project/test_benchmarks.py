@@ -93,6 +93,20 @@ def test_bench_fisher_without_backpack_says_not_installed(tmp_path: Path) -> Non
     assert row["times_s"]["ewc_rs:empirical"] > 0 and row["empirical_over_fwd_bwd"] > 0, row
 
 
+def test_bench_recurrent_runs_and_agrees(tmp_path: Path) -> None:
+    """RNN, LSTM and GRU: the unrolled estimate agrees with the fallback (and BackPACK where it
+    runs) before timing, no recurrent parameter took the fallback, every ratio is written."""
+    res = run("bench_recurrent.py", ["--quick", "--threads", "1"], tmp_path)
+    assert (tmp_path / "recurrent_cpu.json").is_file() and set(res["results"]) == {"rnn", "lstm", "gru"}
+    for name, r in res["results"].items():
+        assert r["parameters_in_fallback"] == [], (name, r)
+        assert r["rel_error_vs"]["fallback:empirical"] <= 1e-5, (name, r)
+        if r["times_s"]["backpack"] is not None:
+            assert r["rel_error_vs"]["backpack"] <= 1e-5, (name, r)
+        for method in ("fwd_bwd", "ewc_rs:empirical", "ewc_rs:exact", "fallback:empirical"):
+            assert r["times_s"][method] > 0 and r["over_fwd_bwd"][method] > 0, (name, method)
+
+
 def test_bench_llm_runs_and_agrees(tmp_path: Path) -> None:
     """The 2-layer GPT-2 and Llama stand-ins: the Fisher agrees with the per-sample loop before
     timing, every ratio and the penalty row are written; ``--profile`` prints where time goes."""

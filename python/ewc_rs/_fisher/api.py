@@ -138,9 +138,10 @@ def fisher_diag(
     draws each position's label from p(·|x, t).
 
     Parameters of layers with a rule (Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm, GroupNorm,
-    Embedding, and the projections of ``nn.MultiheadAttention`` self-attention) are computed in
-    one backward pass per root; any other parameter (custom modules, RNNs, cross-attention,
-    parameters used outside their module) by an exact per-sample pass.
+    Embedding, the projections of ``nn.MultiheadAttention`` self-attention, and those of
+    ``nn.RNN``/``nn.LSTM``/``nn.GRU``, run unrolled) are computed in one backward pass per root;
+    any other parameter (custom modules, cross-attention, parameters used outside their module)
+    by an exact per-sample pass.
 
     Data-parallel (README, "Many GPUs"): inside an initialised process group (or with ``group=``)
     each rank estimates over its own loader (e.g. with a ``DistributedSampler``); the sums of

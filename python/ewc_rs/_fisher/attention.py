@@ -83,6 +83,9 @@ class Decomposed:
             if p is not None
         ]
 
+    def proxies(self) -> list[nn.Linear]:
+        return [self.in_proj, self.out_proj]
+
     def install(self) -> None:
         self.mha.forward = self.forward  # type: ignore[method-assign]
 

@@ -1,6 +1,7 @@
 """The exact per-sample fallback for parameters no rule covers (custom modules with raw
-parameters, RNNs, cross-attention, ...): ``torch.func`` ``vmap`` of ``jacrev`` over samples, or,
-when the model cannot be vmapped, one forward/backward per sample through the native engine."""
+parameters, cross-attention, recurrent layers the unrolling refuses, ...): ``torch.func``
+``vmap`` of ``jacrev`` over samples, or, when the model cannot be vmapped, one forward/backward
+per sample through the native engine."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ from torch import nn
 from .. import _core
 from .attention import Decomposed
 from .attention import eligible as attention_eligible
+from .recurrent import Unrolled
+from .recurrent import eligible as recurrent_eligible
 
 
 @dataclass
@@ -75,6 +77,12 @@ class RuleCoverage:
     vmap_ok: Optional[bool] = None
     #: Attention layers whose projections run through Linear proxies while recording.
     attention: list[Decomposed] = field(default_factory=list)
+    #: Recurrent layers (RNN, LSTM, GRU) that run unrolled, their projections through Linear proxies.
+    recurrent: list[Unrolled] = field(default_factory=list)
+
+    def decomposed(self) -> list[Union[Decomposed, Unrolled]]:
+        """The layers that run an equivalent forward of Linear proxies while recording."""
+        return [*self.attention, *self.recurrent]
 
     def to_fallback(self, slots: Iterable[int]) -> None:
         """Sends ``slots`` to the exact per-sample fallback."""
@@ -91,8 +99,9 @@ def cover_model(model: nn.Module) -> RuleCoverage:
     """Assigns each trainable parameter a slot and decides rule or fallback for it.
 
     A parameter gets the rule path only if every module that owns it has a rule; otherwise (a
-    custom module with raw parameters, an RNN, cross-attention, ...) it goes to the exact fallback;
-    self-attention layers go through `attention.Decomposed` (two Linear proxies).
+    custom module with raw parameters, cross-attention, ...) it goes to the exact fallback;
+    self-attention layers go through `attention.Decomposed` (two Linear proxies), RNN, LSTM and
+    GRU layers through `recurrent.Unrolled` (Linear proxies of their projections).
     """
     names: list[str] = []
     params: list[torch.Tensor] = []
@@ -108,7 +117,12 @@ def cover_model(model: nn.Module) -> RuleCoverage:
         cov.to_fallback(slot_of[id(p)] for p in ps if id(p) in slot_of)
 
     cov.attention = [Decomposed(m, params_to_fallback) for m in model.modules() if attention_eligible(m)]
-    covered = {id(p) for a in cov.attention for p in a.parameters()}
+    cov.recurrent = [
+        Unrolled(m, params_to_fallback)
+        for m in model.modules()
+        if recurrent_eligible(m) and any(id(p) in slot_of for p in m.parameters(recurse=False))
+    ]
+    covered = {id(p) for a in cov.decomposed() for p in a.parameters()}
     for module in model.modules():
         own = [
             (k, p) for k, p in module._parameters.items() if p is not None and id(p) in slot_of and id(p) not in covered
@@ -121,10 +135,10 @@ def cover_model(model: nn.Module) -> RuleCoverage:
             continue
         slot = {k: slot_of[id(p)] for k, p in own}
         cov.sites.append(Site(module, rule, slot.get("weight"), slot.get("bias")))
-    for a in cov.attention:
-        for proxy in (a.in_proj, a.out_proj):
+    for a in cov.decomposed():
+        for proxy in a.proxies():
             rule = _core.layer_rule(proxy)
-            assert rule is not None, "the attention proxies are nn.Linear"
+            assert rule is not None, "the proxies are nn.Linear"
             bias = proxy.bias
             bias_slot = None if bias is None else slot_of.get(id(bias))
             cov.sites.append(Site(proxy, rule, slot_of.get(id(proxy.weight)), bias_slot))
@@ -146,8 +160,11 @@ class Recorder:
         self.expand_shared_rows = True
         self.calls: list[Call] = []
         self.handles = [s.module.register_forward_hook(self._hook(s), with_kwargs=True) for s in coverage.sites]
+        self._site_of = {id(s.module): s for s in coverage.sites}
         for a in coverage.attention:
             a.install()
+        for r in coverage.recurrent:
+            r.install(self.record)
 
     def _hook(self, site: Site) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -180,19 +197,26 @@ class Recorder:
         self.calls.append(Call(site, inp.detach().expand(n, *inp.shape[1:]), rows, rows._version, broadcast=True))
         return rows
 
+    def record(self, module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> None:
+        """Records ``output`` as a call of ``module``'s site on ``inp`` without calling it: the
+        steps of a recurrent layer's hidden projection, stacked (see :mod:`.recurrent`)."""
+        site = self._site_of.get(id(module))
+        if self.enabled and site is not None and output.requires_grad:
+            self.calls.append(Call(site, inp.detach(), output, output._version))
+
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Records the layer calls of the forward pass run inside (a fresh list each time); the
-        attention layers run their decomposed forward meanwhile."""
+        attention and recurrent layers run their decomposed forward meanwhile."""
         self.calls = []
         self.enabled = True
-        for a in self.coverage.attention:
+        for a in self.coverage.decomposed():
             a.recording = True
         try:
             yield
         finally:
             self.enabled = False
-            for a in self.coverage.attention:
+            for a in self.coverage.decomposed():
                 a.recording = False
 
     def modified_outputs(self) -> bool:
@@ -206,5 +230,5 @@ class Recorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        for a in self.coverage.attention:
+        for a in self.coverage.decomposed():
             a.remove()
