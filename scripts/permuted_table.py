@@ -12,9 +12,11 @@ from pathlib import Path
 
 
 def table(paths: list[str]) -> str:
+    """The table; a method that two files both hold is named with its file's stem the second time."""
     curves: dict[str, list[float]] = {}
     for path in paths:
-        curves.update(json.loads(Path(path).read_text())["permuted"])
+        for method, curve in json.loads(Path(path).read_text())["permuted"].items():
+            curves[method if method not in curves else f"{method} ({Path(path).stem})"] = curve
     tasks = max(len(c) for c in curves.values())
     lines = ["| after task | " + " | ".join(f"`{m}`" for m in curves) + " |", "|---:" * (len(curves) + 1) + "|"]
     for t in range(tasks):
