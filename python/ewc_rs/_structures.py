@@ -25,7 +25,7 @@ from ._blocks.layers import kfac_form, param_name
 from ._blocks.registry import STRUCTURES, block_kind
 from ._fisher.api import estimate
 from ._fisher.options import FisherOptions
-from ._options import check_choice
+from ._options import check_choice, check_damping
 from ._parallel import sharding
 from ._state.fisher_dict import checked as _checked
 from ._state.task import Task
@@ -74,6 +74,7 @@ def consolidate(
     structure: str,
     storage_dtype: torch.dtype,
     options: FisherOptions,
+    *,
     damping: float = 0.0,
 ) -> tuple[Task, dict[str, Any]]:
     """Estimates the task's curvature in the given structure and copies θ* (both detached).
@@ -93,7 +94,12 @@ def consolidate(
         ``(task, estimate)``: the task to store, and the estimate as returned by
         ``EWC.consolidate`` (protected parameters only): ``{name: F}`` for ``"diag"``, else
         ``{"diag": {name: F}, <layer kind's key>: {layer: factors}}``.
+
+    Raises:
+        ValueError: ``damping`` negative, not finite, or non-zero for a structure other than ``"kfac"``
+            (checked before the estimation); as the estimation.
     """
+    damping = check_damping(damping, structure)
     layer_kind = block_kind(STRUCTURES[structure])
     if not issubclass(layer_kind, LayerBlock):
         full = estimate(model, loader, options).diag
@@ -132,6 +138,7 @@ def task_from_fisher(
     theta_star: Optional[Mapping[str, torch.Tensor]],
     structure: str,
     storage_dtype: torch.dtype,
+    *,
     damping: float = 0.0,
 ) -> Task:
     """The task of a precomputed Fisher: diagonal blocks from ``{name: F}`` (any structure), or, for
@@ -150,10 +157,11 @@ def task_from_fisher(
         The task to store.
 
     Raises:
-        ValueError: a protected parameter without a Fisher or θ*, or with one of another shape;
+        ValueError: bad ``damping``; a protected parameter without a Fisher or θ*, or with one of another shape;
             a Fisher that is negative or not finite; Kronecker factors for another structure, or
             that do not fit their layer.
     """
+    damping = check_damping(damping, structure)
     model = sharding.unwrap(model)
     if not isinstance(fisher, Mapping):
         raise ValueError(f"fisher: expected a mapping of parameter names to F, got {type(fisher).__name__}")

@@ -61,10 +61,10 @@ class EWC:
         storage_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for the curvature and θ*: half the memory,
             each value off by up to 2⁻⁸ (≈0.4%) of its magnitude (``tests/facade/test_ewc.py``).
         structure: ``"diag"`` (default), ``"kfac"`` (Kronecker factors) or ``"ekfac"`` (eigenvalue-corrected).
-        fisher_bits: None (default: the diagonal F in ``storage_dtype``) or 8: the diagonal F (also
-            KFAC's diagonal rest) in 8 bits, a log code with a scale pair per 64 values (1.125
-            bytes a parameter) read directly by the fused penalty; θ* in ``storage_dtype``; online folding
-            in float32. Errors: ``benchmarks/fisher8_codes.py``. Not for FSDP2-sharded parameters.
+        fisher_bits: None (default: the diagonal F in ``storage_dtype``) or 8: the diagonal F (also KFAC's diagonal
+            rest) in 8 bits, a log code with a scale pair per 64 values (1.125 bytes a parameter) read by the fused
+            penalty; θ* in ``storage_dtype``; online folding in float32 (errors: ``benchmarks/fisher8_codes.py``).
+            Not for FSDP2-sharded parameters.
     """
 
     def __init__(
@@ -113,9 +113,8 @@ class EWC:
         Args:
             loader: iterable of ``(inputs, targets)`` batches of the task just learned.
             kind: Fisher kind (``"exact"``, ``"mc"``, ``"empirical"``, ``"batched"``).
-            damping: ``structure="kfac"`` only: d ≥ 0 added as √d · I to both factors of each layer of
-                this task, (A + √d I) ⊗ (G + √d I) (Ritter et al. 2018's prior precision on the
-                factors); the returned estimate is undamped.
+            damping: ``structure="kfac"``: d ≥ 0, this task's factors stored as (A + √d I) ⊗ (G + √d I)
+                (Ritter et al. 2018's prior precision); the returned estimate is undamped.
             **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, progress, group, ...), every structure.
 
         Returns:
@@ -124,10 +123,9 @@ class EWC:
         Raises:
             TypeError, ValueError: an unknown option; as :func:`ewc_rs.fisher_diag` (nothing is stored then).
         """
-        damping = options.check_damping(damping, self.structure)
         opts = parse_options(kind, **fisher_options, where="consolidate")
         keep = options.selected_parameters(self._model, self._selector)
-        new, est = consolidate(self._model, keep, loader, self.structure, self.storage_dtype, opts, damping)
+        new, est = consolidate(self._model, keep, loader, self.structure, self.storage_dtype, opts, damping=damping)
         self._add(new)
         return est
 
@@ -143,12 +141,13 @@ class EWC:
             damping: as for :meth:`consolidate` (``structure="kfac"``), added to the given factors.
 
         Raises:
-            ValueError: a protected parameter without F or θ*, of another shape, negative or non-finite F;
-                bad ``damping``.
+            ValueError: a protected parameter without F or θ*, of another shape, negative or non-finite F, bad damping.
         """
-        damping = options.check_damping(damping, self.structure)
         keep = options.selected_parameters(self._model, self._selector)
-        self._add(task_from_fisher(self._model, keep, fisher, theta_star, self.structure, self.storage_dtype, damping))
+        task = task_from_fisher(
+            self._model, keep, fisher, theta_star, self.structure, self.storage_dtype, damping=damping
+        )
+        self._add(task)
 
     def _add(self, new: Task) -> None:
         online = self.mode == "online"
@@ -210,18 +209,15 @@ class EWC:
 
     def _plan(self, model: nn.Module, fresh: bool = False) -> Plan:
         """The cached plan, rebuilt when asked, or when the state, the parameter objects or their placement change."""
-        plan = self._cached_plan
-        if fresh or plan is None or not plan.matches(model):
-            plan = self._cached_plan = Plan.build(model, self._tasks, self.storage_dtype)
-        return plan
+        self._cached_plan = Plan.current(self._cached_plan, model, self._tasks, self.storage_dtype, fresh=fresh)
+        return self._cached_plan
 
     def release_norm_stats(self) -> None:
         """Removes the ``norm_stats="freeze"`` hooks: normalisation layers follow ``train()`` again."""
         self._norm_stats.release()
 
     def to(self, *args: Any, **kwargs: Any) -> EWC:
-        """Moves the stored curvature and θ* to a device given as for ``Tensor.to`` (a dtype is ignored),
-        ahead of time (the penalty follows ``model.to(...)`` on its own); returns this ``EWC``."""
+        """Moves the stored curvature and θ* ahead of time to a device given as for ``Tensor.to``; returns this."""
         device = torch.empty(0).to(*args, **kwargs).device
         self._tasks, self._cached_plan = [task.to(device) for task in self._tasks], None
         return self
@@ -241,9 +237,8 @@ class EWC:
                 parameter that the model lacks or holds with another shape.
         """
         loaded = persistence.from_state_dict(state, self._model)
-        self.lam, self.mode, self.gamma = loaded.lam, loaded.mode, loaded.gamma
+        self.lam, self.mode, self.gamma, self.fisher_bits = loaded.lam, loaded.mode, loaded.gamma, loaded.fisher_bits
         self.storage_dtype, self.structure = loaded.storage_dtype, loaded.structure
-        self.fisher_bits = loaded.fisher_bits
         self._norm_stats.set_policy(loaded.norm_stats)
         self._tasks, self._cached_plan = loaded.tasks, None
         if self._tasks:

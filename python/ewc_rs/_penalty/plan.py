@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -63,6 +63,24 @@ class Plan:
             if entries:
                 terms.append(kind.term(model, named, entries, storage_dtype))
         return cls(model, terms)
+
+    @classmethod
+    def current(
+        cls, cached: Optional[Plan], model: nn.Module, tasks: Sequence[Task], storage_dtype: torch.dtype, *, fresh: bool
+    ) -> Plan:
+        """``cached`` while it still fits ``model`` (:meth:`matches`), else a new plan (also when ``fresh``).
+
+        Args:
+            cached: the plan last built, or None.
+            model, tasks, storage_dtype: as for :meth:`build`.
+            fresh: build a new plan whatever ``cached`` is.
+
+        Returns:
+            The plan to use.
+        """
+        if fresh or cached is None or not cached.matches(model):
+            return cls.build(model, tasks, storage_dtype)
+        return cached
 
     def matches(self, model: nn.Module) -> bool:
         """Same model, same parameter objects, and each term's placement (where a term checks it
