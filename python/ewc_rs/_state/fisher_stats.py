@@ -101,17 +101,18 @@ def fisher_summary(
 def equivalent_lam(lam: float, source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> float:
     """The λ for a ``target`` Fisher that gives the penalty strength ``lam`` gives with ``source``.
 
-    Two Fisher kinds estimated on the same model and data differ mostly in scale: the ``batched``
-    estimator is about 1/batch-size of the others. Matching their masses Σ_i F_i (the penalty
-    of a perturbation of the same size in every parameter) translates λ between them:
+    Two Fisher kinds estimated on the same model and data differ mostly in scale: ``batched`` is
+    about 1/batch-size of ``empirical``, which itself falls far below ``exact`` when the model is
+    nearly certain of its training labels. Matching their masses Σ_i F_i (the penalty of a
+    perturbation of the same size in every parameter) translates λ between them:
     λ_target = λ · Σ F_source / Σ F_target, summed in float64 over the parameters both hold.
-    ``docs`` ("Choosing the Fisher and λ") compares this with the λ a validation grid picks.
+    ``docs/fisher_kinds.md`` compares this with the λ a validation search picks.
 
     Example::
 
         exact = ewc_rs.fisher_diag(model, loader, kind="exact")
         batched = ewc_rs.fisher_diag(model, loader, kind="batched")
-        lam_batched = ewc_rs.equivalent_lam(100.0, exact, batched)   # ≈ 100 × batch size
+        lam_batched = ewc_rs.equivalent_lam(100.0, exact, batched)   # ≫ 100
 
     Args:
         lam: λ ≥ 0 tuned for ``source`` (finite).
