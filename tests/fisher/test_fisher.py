@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ewc_rs import fisher_diag
+from ewc_rs._fisher.options import draw_categorical
 from models import GAUSSIAN, LIKELIHOOD, MODELS
 from reference import reference_fisher, relative_error, seed_batched_fisher
 
@@ -313,8 +314,7 @@ def _draws_like_fisher(
             n = _rows(x) if num_samples is None else min(_rows(x), num_samples - seen)
             out = _call(m, _map(x, lambda t, n=n: t[:n].to(device))).detach().float()
             if likelihood == "categorical":
-                probs = torch.softmax(out, dim=1).to(generator.device)
-                d = torch.multinomial(probs, mc_samples, replacement=True, generator=generator)
+                d = draw_categorical(out, mc_samples, generator)
             else:
                 d = torch.randn(n, mc_samples, out.shape[1], generator=generator, device=generator.device)
             draws.append(d.cpu())
@@ -847,3 +847,4 @@ def test_per_sample_loop_fallback_matches_reference(name: str, kind: str, monkey
     got = fisher_diag(model, batches, kind=kind, likelihood=lik)
     want = reference_fisher(model, batches, kind=kind, likelihood=lik)
     _check_close(got, want, TOL, _msg(model=name, kind=kind, fallback="per-sample loop"))
+
