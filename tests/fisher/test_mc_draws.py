@@ -136,6 +136,10 @@ def test_reproducible_and_independent_of_blocking(seed: int) -> None:
     finally:
         options._DRAW_ROWS_BYTES = old
     assert torch.equal(a, d)
+    # A causal LM's shifted logits (a non-contiguous view) draw as their contiguous copy does.
+    longer = torch.cat([logits, torch.randn(40, 1, 257)], dim=1)
+    e = draw_categorical(longer[:, :-1], 2, torch.Generator().manual_seed(seed))
+    assert torch.equal(a, e)
 
 
 def test_ignored_positions_draw_nothing(seed: int) -> None:

@@ -92,7 +92,9 @@ class FisherOptions:
         whose target is ``ignore_index`` counts for nothing and draws nothing: its labels are 0);
         or noise ``[N, S, D]`` (gaussian). See :func:`draw_categorical`."""
         out = outputs.detach().float()
-        if not torch.isfinite(out).all():
+        # The sum is finite when every value is (a NaN or inf makes it NaN or inf), one reduction
+        # instead of an element-wise test; only an overflowing sum needs the latter.
+        if not (torch.isfinite(out.sum()) or torch.isfinite(out).all()):
             raise ValueError(
                 "model outputs: non-finite values (NaN or inf), so kind='mc' cannot draw labels from "
                 "them: check the model's outputs and the data for NaN/inf"
@@ -104,6 +106,8 @@ class FisherOptions:
         keep = None
         if isinstance(targets, torch.Tensor) and out.dim() == 3 and tuple(targets.shape) == tuple(out.shape[:-1]):
             keep = targets != self.ignore_index
+            if bool(keep.all()):
+                keep = None  # every position draws: no gathers
         return draw_categorical(out, self.mc_samples, gen, keep=keep)
 
 
@@ -150,11 +154,31 @@ def draw_categorical(
         int64 ``[..., samples]``.
     """
     classes = logits.shape[-1]
-    flat = logits.reshape(-1, classes)
-    device = flat.device
+    device = logits.device
     gen_device = generator.device if generator is not None else device
-    u = torch.rand(flat.shape[0], samples, dtype=torch.float64, generator=generator, device=gen_device).to(device)
-    draws = torch.zeros(flat.shape[0], samples, dtype=torch.long, device=device)
+    total_rows = logits.numel() // max(classes, 1)
+    u = torch.rand(total_rows, samples, dtype=torch.float64, generator=generator, device=gen_device).to(device)
+    draws = torch.zeros(total_rows, samples, dtype=torch.long, device=device)
+    if logits.dim() == 3 and not logits.is_contiguous() and logits.stride(-1) == 1 and logits.shape[0] > 0:
+        # Shifted logits ([:, :-1] of a causal LM's): sample by sample, each a view (no copy of the whole).
+        per = logits.shape[1]
+        for i in range(logits.shape[0]):
+            _draw_rows(
+                logits[i],
+                u[i * per : (i + 1) * per],
+                draws[i * per : (i + 1) * per],
+                None if keep is None else keep[i],
+            )
+    else:
+        _draw_rows(logits.reshape(-1, classes), u, draws, keep)
+    return draws.reshape(*logits.shape[:-1], samples)
+
+
+def _draw_rows(flat: torch.Tensor, u: torch.Tensor, draws: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+    """:func:`draw_categorical` for logits ``[R, C]`` (rows with unit stride), uniforms ``[R, S]``,
+    into ``draws [R, S]`` (``keep [R]``: the rows that draw)."""
+    classes = flat.shape[-1]
+    device = flat.device
     rows = None if keep is None else keep.reshape(-1).to(device).nonzero().squeeze(1)
     count = flat.shape[0] if rows is None else rows.numel()
     size = max(1, min(_DRAW_BLOCK, classes))
@@ -185,7 +209,6 @@ def draw_categorical(
             torch.searchsorted(inside, frac.unsqueeze(2) * last, right=True), torch.searchsorted(inside, last)
         )
         draws[at] = j * size + k.squeeze(2)
-    return draws.reshape(*logits.shape[:-1], samples)
 
 
 #: Every default of a Fisher estimation, once.
