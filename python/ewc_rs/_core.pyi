@@ -97,9 +97,16 @@ class FisherSums:
     def add(self, slot: int, sum_sq: torch.Tensor) -> None:
         """Adds Σ over samples of squared gradients of parameter ``slot`` computed elsewhere."""
     def rule_mismatch(
-        self, outputs: torch.Tensor, roots: RootSpec, calls: Sequence[LayerCall], slots: Sequence[int]
-    ) -> list[tuple[int, float]]:
-        """Relative difference per slot between the rules' summed gradients and autograd's."""
+        self,
+        outputs: torch.Tensor,
+        roots: RootSpec,
+        calls: Sequence[LayerCall],
+        slots: Sequence[int],
+        row: Optional[int] = None,
+    ) -> tuple[list[tuple[int, float]], list[int]]:
+        """Relative difference per slot between the rules' summed gradients and autograd's, and
+        (with ``row``, the one sample the root depends on) the calls whose output gradient is
+        non-zero in another row."""
 
 @final
 class KfacSums:

@@ -294,8 +294,12 @@ impl FisherSums {
     /// Args:
     ///     outputs, roots, calls: as for `add_batch`.
     ///     slots: the parameters to check.
+    ///     row: when the root depends on this sample alone: also report the calls whose output
+    ///         gradient is non-zero in another row (from the same backward pass).
     /// Returns:
-    ///     `(slot, relative_difference)` for each slot.
+    ///     `(slot, relative_difference)` for each slot, and the indices (into `calls`) of the
+    ///     calls whose rows are not samples (empty without `row`).
+    #[pyo3(signature = (outputs, roots, calls, slots, row=None))]
     fn rule_mismatch(
         &self,
         py: Python<'_>,
@@ -303,7 +307,8 @@ impl FisherSums {
         roots: &RootSpec,
         calls: Vec<PyRef<'_, LayerCall>>,
         slots: Vec<usize>,
-    ) -> PyResult<Vec<(usize, f64)>> {
+        row: Option<i64>,
+    ) -> PyResult<driver::RuleCheck> {
         let (outputs, spec, calls) = shared_batch(outputs, roots, &calls);
         let sums = &self.sums;
         let out = py.allow_threads(move || {
@@ -311,7 +316,7 @@ impl FisherSums {
             let Some(root) = roots.first() else {
                 return error::value_err("roots: this batch has no root to check the rules with");
             };
-            lock(sums).rule_mismatch(root, &calls, &slots)
+            lock(sums).rule_mismatch(root, &calls, &slots, row)
         })?;
         Ok(out)
     }

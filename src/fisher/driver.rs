@@ -60,6 +60,10 @@ impl Uses {
     }
 }
 
+/// What `FisherSums::rule_mismatch` found: `(slot, relative difference)` per slot checked, and
+/// the indices of the calls whose output rows are not the samples (with a probe row).
+pub type RuleCheck = (Vec<(usize, f64)>, Vec<usize>);
+
 /// Σ_n (per-sample gradient)² per parameter, in float32, over the batches seen so far.
 pub struct FisherSums {
     /// The parameters, by slot (read for their shapes, and by the `whole` and check paths).
@@ -236,23 +240,47 @@ impl FisherSums {
     /// `root`. Returns the relative difference per slot; a large one means the parameter is also
     /// used outside the layer that owns it (e.g. `F.linear(h, emb.weight)`), so it needs the
     /// fallback.
+    ///
+    /// With `row` (the root then depends on that sample alone), the same backward pass also
+    /// tests per-sample separability: the second list holds the indices of the calls whose output
+    /// gradient is non-zero in another row, i.e. whose rows are not the batch's samples.
     pub fn rule_mismatch(
         &self,
         root: &Tensor,
         calls: &[LayerCall],
         slots: &[usize],
-    ) -> Result<Vec<(usize, f64)>> {
+        row: Option<i64>,
+    ) -> Result<RuleCheck> {
         for s in slots {
             self.check_slot(*s)?;
         }
         let mut inputs: Vec<&Tensor> = calls.iter().map(|c| &c.output).collect();
         inputs.extend(slots.iter().map(|s| &self.params[*s]));
         if inputs.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let grads = Tensor::f_run_backward(&[root], &inputs, true, false)
             .ctx("backward pass of the consistency check")?;
         let (layer_grads, param_grads) = grads.split_at(calls.len());
+        let mut crossing = Vec::new();
+        if let Some(row) = row {
+            for (i, g) in layer_grads.iter().enumerate() {
+                let n = g.size().first().copied().unwrap_or(0);
+                if !g.defined() || row >= n {
+                    continue;
+                }
+                let others = [(0, row), (row + 1, n - row - 1)];
+                if others.iter().any(|&(start, len)| {
+                    len > 0
+                        && g.narrow(0, start, len)
+                            .count_nonzero(None::<i64>)
+                            .int64_value(&[])
+                            > 0
+                }) {
+                    crossing.push(i);
+                }
+            }
+        }
         let recorded: Vec<(&LayerCall, &Tensor)> = calls
             .iter()
             .zip(layer_grads)
@@ -290,7 +318,7 @@ impl FisherSums {
             let diff = ours.norm().double_value(&[]);
             out.push((*slot, if scale > 0.0 { diff / scale } else { 0.0 }));
         }
-        Ok(out)
+        Ok((out, crossing))
     }
 }
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ewc_rs import fisher_diag
+from ewc_rs._fisher.options import draw_categorical
 from models import GAUSSIAN, LIKELIHOOD, MODELS
 from reference import reference_fisher, relative_error, seed_batched_fisher
 
@@ -313,8 +314,7 @@ def _draws_like_fisher(
             n = _rows(x) if num_samples is None else min(_rows(x), num_samples - seen)
             out = _call(m, _map(x, lambda t, n=n: t[:n].to(device))).detach().float()
             if likelihood == "categorical":
-                probs = torch.softmax(out, dim=1).to(generator.device)
-                d = torch.multinomial(probs, mc_samples, replacement=True, generator=generator)
+                d = draw_categorical(out, mc_samples, generator)
             else:
                 d = torch.randn(n, mc_samples, out.shape[1], generator=generator, device=generator.device)
             draws.append(d.cpu())
@@ -847,3 +847,34 @@ def test_per_sample_loop_fallback_matches_reference(name: str, kind: str, monkey
     got = fisher_diag(model, batches, kind=kind, likelihood=lik)
     want = reference_fisher(model, batches, kind=kind, likelihood=lik)
     _check_close(got, want, TOL, _msg(model=name, kind=kind, fallback="per-sample loop"))
+
+
+class ReadsFirstSample(nn.Module):
+    """Every sample's hidden state gets sample 0's added (``h + h[:1]``): sample 0's outputs depend
+    on its own rows only, the others' on sample 0's rows too, so the first layer's rows are not
+    the samples' gradients (the rules' summed gradients still agree with autograd's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(5, 6)
+        self.second = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.first(x))
+        return self.second(h + h[:1])
+
+
+@pytest.mark.parametrize("kind", ["empirical", "mc", "exact"])
+def test_rows_read_by_another_sample_take_the_fallback(kind: str, seed: int) -> None:
+    """The rule check probes the last checked sample too: a layer whose rows reach another
+    sample's outputs (here only samples after the first) is handed to the fallback; the layer
+    above the mixing keeps its rule."""
+    from ewc_rs._fisher.api import estimate
+    from ewc_rs._fisher.options import parse_options
+
+    torch.manual_seed(seed % 2**31)
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+    options = {"generator": torch.Generator().manual_seed(seed)} if kind == "mc" else {}
+    fallback = estimate(ReadsFirstSample(), batches, parse_options(kind, **options)).fallback
+    assert fallback == ["first.bias", "first.weight"], f"seed={seed} kind={kind}: fallback {fallback}"

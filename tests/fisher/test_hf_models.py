@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ewc_rs import _core, fisher_diag
 from ewc_rs._fisher.api import estimate
-from ewc_rs._fisher.options import parse_options
+from ewc_rs._fisher.options import draw_categorical, parse_options
 from reference import reference_fisher, relative_error
 
 transformers = pytest.importorskip(
@@ -152,7 +152,7 @@ def _check(got: dict[str, Tensor], want: dict[str, Tensor], context: str) -> Non
 
 def _draws_like_fisher(model: nn.Module, batches: list[Batch], mc_samples: int, seed: int) -> list[Tensor]:
     """The labels ``fisher_diag(kind="mc", generator=Generator().manual_seed(seed))`` draws: per
-    batch, from the softmax of the float32 model's outputs in eval mode (as ``draw_mc`` does)."""
+    batch, from the softmax of the float32 model's outputs in eval mode (``draw_categorical``, as ``draw_mc`` does)."""
     g = torch.Generator().manual_seed(seed)
     mode = model.training
     model.eval()
@@ -161,7 +161,7 @@ def _draws_like_fisher(model: nn.Module, batches: list[Batch], mc_samples: int, 
             outs = [model(**x).detach().float() for x, _ in batches]
     finally:
         model.train(mode)
-    return [torch.multinomial(torch.softmax(o, dim=1), mc_samples, replacement=True, generator=g) for o in outs]
+    return [draw_categorical(o, mc_samples, g) for o in outs]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ewc_rs import fisher_diag
 from ewc_rs._fisher.api import estimate
-from ewc_rs._fisher.options import parse_options
+from ewc_rs._fisher.options import draw_categorical, parse_options
 from reference import relative_error
 from reference_sequences import logits_of, sequence_fisher
 
@@ -49,9 +49,7 @@ def _same_draws(model: nn.Module, batches: list, seed: int) -> list[Tensor]:
     draws = []
     for x, _ in batches:
         logits = logits_of(model(**x))[:, :-1].detach().float()
-        probs = torch.softmax(logits, dim=-1)
-        d = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, replacement=True, generator=g)
-        draws.append(d.reshape(*probs.shape[:-1], 1))
+        draws.append(draw_categorical(logits, 1, g))
     return draws
 
 

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from ewc_rs import fisher_diag, fisher_kfac
 from ewc_rs._fisher import recording
 from ewc_rs._fisher.api import estimate
-from ewc_rs._fisher.options import parse_options
+from ewc_rs._fisher.options import draw_categorical, parse_options
 from ewc_rs._fisher.recurrent import Unrolled
 from reference import reference_fisher, relative_error
 
@@ -130,10 +130,7 @@ def mc_draws(model: nn.Module, data: list, samples: int, seed: int) -> list[Tens
     m = copy.deepcopy(model).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return [
-            torch.multinomial(torch.softmax(m(*x).float(), dim=1), samples, replacement=True, generator=g)
-            for x, _ in data
-        ]
+        return [draw_categorical(m(*x).float(), samples, g) for x, _ in data]
 
 
 def fisher(model: nn.Module, data: list, kind: str, seed: int) -> dict[str, Tensor]:

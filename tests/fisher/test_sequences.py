@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc_rs import fisher_diag
+from ewc_rs._fisher.options import draw_categorical
 from reference import relative_error
 from reference_sequences import logits_of, sequence_fisher
 
@@ -148,9 +149,7 @@ def _same_draws(model: nn.Module, batches: list, layout: str, samples: int, seed
     with torch.enable_grad():
         for x, _ in batches:
             raw = model(**x) if isinstance(x, dict) else model(x)
-            probs = torch.softmax(_layout_logits(raw, layout).detach().float(), dim=-1)
-            d = torch.multinomial(probs.reshape(-1, probs.shape[-1]), samples, replacement=True, generator=g)
-            draws.append(d.reshape(*probs.shape[:-1], samples))
+            draws.append(draw_categorical(_layout_logits(raw, layout).detach().float(), samples, g))
     return draws
 
 

@@ -39,9 +39,10 @@ _MISMATCH_TOL = 1e-3
 
 #: Samples of the first batch that the once-per-estimation rule checks run on. The checks look at
 #: how the model uses its parameters, which a few samples show (at least 2: one probe row against
-#: the others); they cost about a forward and two backward passes of these samples, which with
-#: language models (a sample is a whole sequence) was a quarter of a 32-sequence estimate at 16
-#: samples, and still a fifth of an 8-sequence one at 4.
+#: the others); they cost a recorded forward pass of these samples, two backward passes (one
+#: without parameter gradients) and, when a shared row was expanded, a plain forward pass, which
+#: with language models (a sample is a whole sequence) was a quarter of a 32-sequence estimate at
+#: 16 samples, and still a fifth of an 8-sequence one at 4.
 _CHECK_SAMPLES = 2
 
 
@@ -287,7 +288,7 @@ class Estimation:
         out, yp = self._recorded_forward(x, y, n, recorder)
         self._count_tokens(yp, n)
         self._drop_uninterpretable(recorder, n)
-        mc = self.options.draw_mc(out) if self.options.kind == "mc" else None
+        mc = self.options.draw_mc(out, yp) if self.options.kind == "mc" else None
         roots = self.options.roots(out, yp, mc_draws=mc)
         self.sums.add_batch(out, roots, calls=self._calls(recorder), kfac=self.kfac)
         if self.coverage.fallback:
@@ -346,7 +347,13 @@ class Estimation:
     def _check_rules(self, x: Any, y: Any, n: int, recorder: Recorder) -> None:
         """Once per estimation, on the first samples of the first batch: hands to the fallback every
         parameter whose rule would be wrong, i.e. where dim 0 of a recorded call is not the sample
-        index, or where the parameter is also used outside the layer that owns it."""
+        index, or where the parameter is also used outside the layer that owns it.
+
+        Two backward passes of probes (weighted sums of one sample's outputs): the first sample's
+        (:func:`_not_per_sample`), then the last sample's, which serves at once as the root of the
+        comparison of the rules' summed gradients with autograd's, and as the test that no call's
+        other rows reach that sample (for a call of one shared row expanded per sample, the test
+        that the expansion is sound)."""
         k = min(n, _CHECK_SAMPLES)
         sliceable = all(isinstance(v, (torch.Tensor, tuple, list, dict)) for v in (x, y))
         whole = (x, y, n)
@@ -364,42 +371,56 @@ class Estimation:
                 raise
             recorder.expand_shared_rows = False  # the model cannot take one copy per sample
             out, yp = self._recorded_forward(x, y, n, recorder)
-        if any(c.broadcast for c in recorder.calls) and not _expansion_is_sound(self, x, y, n, out, recorder):
+        if any(c.broadcast for c in recorder.calls) and not _expansion_keeps_outputs(self, x, y, n, out):
             recorder.expand_shared_rows = False
             out, yp = self._recorded_forward(x, y, n, recorder)
         if not recorder.calls:
             return
         self._drop_uninterpretable(recorder, n)
-        self.coverage.to_fallback(_not_per_sample(out, recorder, n))
-        # Any per-sample root with a non-zero gradient serves the comparison; for `mc` the random
-        # draws are left alone (the generator stays untouched): gaussian uses `exact`'s first root,
-        # categorical label 0 at every position (no class-by-class roots are built).
-        kind, fixed = self.options.kind, None
-        if kind == "mc" and self.options.likelihood == "gaussian":
-            kind = "exact"
-        elif kind == "mc":
-            fixed = torch.zeros(*self.options.draw_shape(out), dtype=torch.long, device=out.device)
-        slots = sorted({s for c in recorder.calls for s in c.site.slots()})
-        roots = self.options.roots(out, yp, mc_draws=fixed, kind=kind)
-        mismatch = self.sums.rule_mismatch(out, roots, recorder.layer_calls(), slots)
+        not_per_sample = _not_per_sample(out, recorder, n)
+        probed = n >= 2 and out.dim() > 0 and out.shape[0] == n
+        if probed:
+            # The last sample's probe, as a per-sample log-likelihood that is 0 for the others.
+            row = out.reshape(n, -1).float()
+            weights = torch.zeros_like(row)
+            weights[n - 1] = torch.linspace(1.0, 2.0, row.shape[1], device=row.device)
+            ll = (row * weights).sum(1)
+            check_out, roots = ll, _core.RootSpec(kind="empirical", likelihood="custom", loglik=ll)
+        else:
+            # Any per-sample root with a non-zero gradient serves the comparison; for `mc` the random
+            # draws are left alone (the generator stays untouched): gaussian uses `exact`'s first
+            # root, categorical label 0 at every position (no class-by-class roots are built).
+            kind, fixed = self.options.kind, None
+            if kind == "mc" and self.options.likelihood == "gaussian":
+                kind = "exact"
+            elif kind == "mc":
+                fixed = torch.zeros(*self.options.draw_shape(out), dtype=torch.long, device=out.device)
+            check_out, roots = out, self.options.roots(out, yp, mc_draws=fixed, kind=kind)
+        calls = [c for c in recorder.calls if c.readable and c.site.slots()]
+        slots = sorted({s for c in calls for s in c.site.slots()})
+        mismatch, crossing = self.sums.rule_mismatch(
+            check_out, roots, [c.layer_call() for c in calls], slots, row=n - 1 if probed else None
+        )
+        if any(calls[i].broadcast for i in crossing):
+            # A copy of a shared row reaches another sample's outputs: the model does not use the
+            # copies one per sample. Without the expansion, the check starts again.
+            recorder.expand_shared_rows = False
+            self._check_rules(x, y, n, recorder)
+            return
+        self.coverage.to_fallback(not_per_sample)
+        self.coverage.to_fallback(s for i in crossing for s in calls[i].site.slots())
         self.coverage.to_fallback(s for s, err in mismatch if err > _MISMATCH_TOL)
 
 
-def _expansion_is_sound(est: Estimation, x: Any, y: Any, n: int, out: torch.Tensor, recorder: Recorder) -> bool:
+def _expansion_keeps_outputs(est: Estimation, x: Any, y: Any, n: int, out: torch.Tensor) -> bool:
     """Whether the recorded forward pass, with its calls of one shared input row expanded to one
-    copy per sample (:meth:`Recorder._expand`), computed what the model computes, and each
-    sample's output depends on its own copy only (the last sample's is probed; the first
-    sample's is probed for every call by `_not_per_sample`)."""
+    copy per sample (:meth:`Recorder._expand`), computed what the model computes. (That each
+    sample's output depends on its own copy only is probed in the rule check's backward passes:
+    the first sample by `_not_per_sample`, the last by the comparison's probe.)"""
     with torch.no_grad():
         plain, _ = est.forward(x, y, n)
     scale = float(plain.detach().abs().max()) if plain.numel() else 0.0
-    if plain.shape != out.shape or not torch.allclose(out.detach(), plain, rtol=1e-5, atol=1e-6 * max(scale, 1.0)):
-        return False
-    sel = [c for c in recorder.calls if c.broadcast]
-    row = out[n - 1].reshape(-1).float()
-    probe = (row * torch.linspace(1.0, 2.0, row.numel(), device=row.device)).sum()
-    grads = torch.autograd.grad(probe, [c.output for c in sel], retain_graph=True, allow_unused=True)
-    return all(g is None or not bool(torch.count_nonzero(g[: n - 1]) > 0) for g in grads)
+    return plain.shape == out.shape and torch.allclose(out.detach(), plain, rtol=1e-5, atol=1e-6 * max(scale, 1.0))
 
 
 def _not_per_sample(out: torch.Tensor, recorder: Recorder, n: int) -> set[int]:

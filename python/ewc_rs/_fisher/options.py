@@ -86,25 +86,129 @@ class FisherOptions:
             return (outputs.shape[0], self.mc_samples, outputs[0].numel())
         return (*outputs.shape[:-1], self.mc_samples)
 
-    def draw_mc(self, outputs: torch.Tensor) -> torch.Tensor:
+    def draw_mc(self, outputs: torch.Tensor, targets: Any = None) -> torch.Tensor:
         """Labels drawn from p(·|x): ``[N, S]`` for logits ``[N, C]``, ``[N, P, S]`` for ``[N, P, C]``
-        (one per position and draw, under teacher forcing); or noise ``[N, S, D]`` (gaussian)."""
+        (one per position and draw, under teacher forcing; with ``targets [N, P]``, a position
+        whose target is ``ignore_index`` counts for nothing and draws nothing: its labels are 0);
+        or noise ``[N, S, D]`` (gaussian). See :func:`draw_categorical`."""
         out = outputs.detach().float()
-        if not torch.isfinite(out).all():
+        # The sum is finite when every value is (a NaN or inf makes it NaN or inf), one reduction
+        # instead of an element-wise test; only an overflowing sum needs the latter.
+        if not (torch.isfinite(out.sum()) or torch.isfinite(out).all()):
             raise ValueError(
                 "model outputs: non-finite values (NaN or inf), so kind='mc' cannot draw labels from "
                 "them: check the model's outputs and the data for NaN/inf"
             )
         gen = self.generator
-        gen_device = gen.device if gen is not None else out.device
-        shape = self.draw_shape(out)
-        if self.likelihood != "gaussian":
-            probs = torch.softmax(out, dim=-1).to(gen_device)
-            flat = probs.reshape(-1, probs.shape[-1])
-            draws = torch.multinomial(flat, self.mc_samples, replacement=True, generator=gen).reshape(shape)
-        else:
-            draws = torch.randn(shape, generator=gen, device=gen_device)
-        return draws.to(out.device)
+        if self.likelihood == "gaussian":
+            gen_device = gen.device if gen is not None else out.device
+            return torch.randn(self.draw_shape(out), generator=gen, device=gen_device).to(out.device)
+        keep = None
+        if isinstance(targets, torch.Tensor) and out.dim() == 3 and tuple(targets.shape) == tuple(out.shape[:-1]):
+            keep = targets != self.ignore_index
+            if bool(keep.all()):
+                keep = None  # every position draws: no gathers
+        return draw_categorical(out, self.mc_samples, gen, keep=keep)
+
+
+#: Bound on the float32 block of logits that :func:`draw_categorical` exponentiates at once (bytes).
+_DRAW_ROWS_BYTES = 64 * 2**20
+#: Classes per block of :func:`draw_categorical`'s two-level search.
+_DRAW_BLOCK = 128
+
+
+def draw_categorical(
+    logits: torch.Tensor,
+    samples: int,
+    generator: Optional[torch.Generator] = None,
+    *,
+    keep: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``samples`` labels per row of ``logits [..., C]`` drawn from softmax(logits), as ``[..., samples]``
+    (int64, on the logits' device), by inversion of the cumulative distribution in two levels.
+
+    Per row, e = exp(l − max l) (float32, as softmax computes it before normalising), cut into
+    blocks of 128 classes, with their masses m_b (float32 sums); per draw, u ~ U[0, 1) (float64,
+    from ``generator``, or the global generator of the logits' device when None) picks the first
+    block b whose float64 running sum of masses exceeds u·Σ m, and the remainder, as a fraction
+    f ∈ [0, 1) of m_b, picks the first class k of the block whose float64 running sum of e
+    exceeds f·Σ_block e. Class k is so drawn with probability (m_b / Σ m)·(e_k / Σ_block e), i.e.
+    e_k / Σ e up to the float32 rounding of the block masses (relative 1e-7, the rounding of a
+    float32 softmax's own probabilities); a class or block of zero mass is never drawn. This
+    costs one uniform number and an O(C) pass of float32 adds per row and draw;
+    ``torch.multinomial`` draws one with the exponential trick, an exponential variate (a
+    logarithm) per class, which for a language model's vocabulary cost more than half a training
+    step. The rows are walked in blocks of at most 64 MiB of logits.
+
+    Reproducible: the uniforms of every row (``[rows, samples]``, row-major) are drawn in one call
+    whatever ``keep`` is, so a generator in a given state gives the same draws.
+
+    Args:
+        logits: float32 ``[..., C]``, finite (the caller checks).
+        samples: draws per row.
+        generator: where the uniforms come from (its device; the draws move to the logits').
+        keep: bool ``[...]`` (the logits' leading shape): the rows that draw; the others get label
+            0, and no work.
+
+    Returns:
+        int64 ``[..., samples]``.
+    """
+    classes = logits.shape[-1]
+    device = logits.device
+    gen_device = generator.device if generator is not None else device
+    total_rows = logits.numel() // max(classes, 1)
+    u = torch.rand(total_rows, samples, dtype=torch.float64, generator=generator, device=gen_device).to(device)
+    draws = torch.zeros(total_rows, samples, dtype=torch.long, device=device)
+    if logits.dim() == 3 and not logits.is_contiguous() and logits.stride(-1) == 1 and logits.shape[0] > 0:
+        # Shifted logits ([:, :-1] of a causal LM's): sample by sample, each a view (no copy of the whole).
+        per = logits.shape[1]
+        for i in range(logits.shape[0]):
+            _draw_rows(
+                logits[i],
+                u[i * per : (i + 1) * per],
+                draws[i * per : (i + 1) * per],
+                None if keep is None else keep[i],
+            )
+    else:
+        _draw_rows(logits.reshape(-1, classes), u, draws, keep)
+    return draws.reshape(*logits.shape[:-1], samples)
+
+
+def _draw_rows(flat: torch.Tensor, u: torch.Tensor, draws: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+    """:func:`draw_categorical` for logits ``[R, C]`` (rows with unit stride), uniforms ``[R, S]``,
+    into ``draws [R, S]`` (``keep [R]``: the rows that draw)."""
+    classes = flat.shape[-1]
+    device = flat.device
+    rows = None if keep is None else keep.reshape(-1).to(device).nonzero().squeeze(1)
+    count = flat.shape[0] if rows is None else rows.numel()
+    size = max(1, min(_DRAW_BLOCK, classes))
+    full = classes // size  # whole blocks; the rest of the classes form one last, shorter block
+    offsets = torch.arange(size, device=device)
+    step = max(1, _DRAW_ROWS_BYTES // (4 * max(classes, 1)))
+    for start in range(0, count, step):
+        at: Union[slice, torch.Tensor] = slice(start, start + step) if rows is None else rows[start : start + step]
+        block = flat[at]
+        e = (block - block.amax(dim=1, keepdim=True)).exp_()
+        b = e.shape[0]
+        mass = e[:, : full * size].reshape(b, full, size).sum(dim=2)
+        if full * size < classes:
+            mass = torch.cat([mass, e[:, full * size :].sum(dim=1, keepdim=True)], dim=1)
+        cum = mass.cumsum(dim=1, dtype=torch.float64)
+        total = cum[:, -1:].contiguous()
+        v = u[at] * total
+        # u·Σ m may round up to Σ m: such a draw takes the last block of positive mass, the first
+        # whose running sum reaches the total (and likewise the last class inside a block).
+        j = torch.minimum(torch.searchsorted(cum, v, right=True), torch.searchsorted(cum, total))
+        below = torch.where(j > 0, cum.gather(1, (j - 1).clamp(min=0)), 0.0)
+        frac = (v - below) / mass.gather(1, j).double()
+        cols = j.unsqueeze(2) * size + offsets  # [b, S, size]
+        inside = e.gather(1, cols.clamp(max=classes - 1).reshape(b, -1)).reshape(cols.shape)
+        inside = inside.masked_fill(cols >= classes, 0.0).cumsum(dim=2, dtype=torch.float64)
+        last = inside[:, :, -1:].contiguous()
+        k = torch.minimum(
+            torch.searchsorted(inside, frac.unsqueeze(2) * last, right=True), torch.searchsorted(inside, last)
+        )
+        draws[at] = j * size + k.squeeze(2)
 
 
 #: Every default of a Fisher estimation, once.
