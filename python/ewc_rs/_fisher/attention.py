@@ -20,10 +20,12 @@ Guards, so that this can only make things faster, never wrong:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, cast
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from .proxies import linear_proxy
 
 #: Relative difference between the decomposed and the original forward that counts as "not the
 #: same function" (float32 rounding of a few matmuls is far below it).
@@ -43,17 +45,6 @@ def eligible(m: nn.Module) -> bool:
     )
 
 
-def _proxy(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    """An ``nn.Linear`` holding the given parameter objects (not copies), allocating nothing."""
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
-    # MultiheadAttention's projection weights and biases are nn.Parameter objects.
-    lin.register_parameter("weight", cast(nn.Parameter, weight))
-    lin.register_parameter("bias", cast(Optional[nn.Parameter], bias))
-    return lin
-
-
 def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Boolean masks (True = masked out) as additive -inf masks, float masks as they are."""
     if mask is None:
@@ -69,8 +60,8 @@ class Decomposed:
     def __init__(self, mha: nn.Module, on_failure: Callable[[list[torch.Tensor]], None]) -> None:
         assert isinstance(mha, nn.MultiheadAttention)
         self.mha = mha
-        self.in_proj = _proxy(mha.in_proj_weight, mha.in_proj_bias)
-        self.out_proj = _proxy(mha.out_proj.weight, mha.out_proj.bias)
+        self.in_proj = linear_proxy(mha.in_proj_weight, mha.in_proj_bias)
+        self.out_proj = linear_proxy(mha.out_proj.weight, mha.out_proj.bias)
         self.recording = False  # True while the Fisher engine records a forward pass
         self.failed = False
         self._verified: set[tuple] = set()

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .proxies import linear_proxy
+
 #: Relative difference between the unrolled and the original forward that counts as "not the same
 #: function" (float32 rounding of T steps of small matmuls is far below it).
 _VERIFY_RTOL = 1e-4
@@ -66,16 +68,6 @@ def eligible(m: nn.Module) -> bool:
     return all(name in rnn._parameters and rnn._parameters[name] is not None for name in names)
 
 
-def _proxy(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    """An ``nn.Linear`` holding the given parameter objects (not copies), allocating nothing."""
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
-    lin.register_parameter("weight", cast(nn.Parameter, weight))
-    lin.register_parameter("bias", cast(Optional[nn.Parameter], bias))
-    return lin
-
-
 class _Cell:
     """One (layer, direction) of a recurrent layer: the proxies of its projections."""
 
@@ -88,10 +80,10 @@ class _Cell:
         w_ih, w_hh = get("weight_ih"), get("weight_hh")
         assert w_ih is not None and w_hh is not None
         self.reverse = reverse
-        self.ih = _proxy(w_ih, get("bias_ih"))  # W_ih x_t + b_ih, over the whole sequence at once
-        self.hh = _proxy(w_hh, get("bias_hh"))  # W_hh h_{t-1} + b_hh, once per step
+        self.ih = linear_proxy(w_ih, get("bias_ih"))  # W_ih x_t + b_ih, over the whole sequence at once
+        self.hh = linear_proxy(w_hh, get("bias_hh"))  # W_hh h_{t-1} + b_hh, once per step
         w_hr = get("weight_hr")
-        self.hr = None if w_hr is None else _proxy(w_hr, None)  # LSTM's projection W_hr m_t
+        self.hr = None if w_hr is None else linear_proxy(w_hr, None)  # LSTM's projection W_hr m_t
 
     def proxies(self) -> list[nn.Linear]:
         return [p for p in (self.ih, self.hh, self.hr) if p is not None]

@@ -401,10 +401,9 @@ def run_dataset(
         "validation_images": n_val,
         "test_images": len(x_test),
     }
-    first = _FirstTask(make_tasks(x[tr_idx], y[tr_idx], x[val_idx], y[val_idx], "task")[0], cfg)
-    fishers = task_one_fishers(
-        make_tasks(x[tr_idx], y[tr_idx], x[val_idx], y[val_idx], "task"), cfg, seed=seed, first=first
-    )
+    val_task_il = make_tasks(x[tr_idx], y[tr_idx], x[val_idx], y[val_idx], "task")
+    first = _FirstTask(val_task_il[0], cfg)
+    fishers = task_one_fishers(val_task_il, cfg, seed=seed, first=first)
     out["fisher_mass"] = {v: float(sum(f.double().sum() for f in fisher.values())) for v, fisher in fishers.items()}
     exact_lam = cfg.lam_start  # the task-incremental exact λ once chosen: where the others start
     for scenario, variants in (("task", VARIANTS), ("class", CLASS_IL_VARIANTS)):
