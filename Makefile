@@ -17,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements-dev.txt $(TORCH_VERSION_FIL
 # avalanche-lib, ...) can make pip upgrade or replace torch; it fails instead.
 TORCH_CONSTRAINT := $(VENV)/torch-constraint.txt
 OUT ?= demo_out
-# The demos and tests read their data from EWC_RS_DATA (README, "Data"). The library never looks
+# The demos and tests read their data from EWC_RS_DATA (docs: How-to, "Run the demos"). The library never looks
 # next to a checkout; this Makefile does: ../shared/data, when it exists and the variable is unset.
 ifneq ($(wildcard ../shared/data),)
 export EWC_RS_DATA ?= $(abspath ../shared/data)
@@ -32,7 +32,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 TORCH_LIB = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 
-# Other torch lines (README, "Torch versions"): one manifest each, build-torch-X.Y/Cargo.toml, for the
+# Other torch lines (docs: Reference, "Torch versions", generated from _torch_version.py): one manifest each, build-torch-X.Y/Cargo.toml, for the
 # same src/. `make test-core TORCH=2.13` makes a venv with that torch and the core test needs, builds
 # ewc_rs there with the README's `pip install --no-build-isolation .` (the in-tree backend picks the
 # line's manifest) and runs CORE_TESTS; `make wheels` builds one wheel per supported line into dist/.
@@ -55,7 +55,7 @@ LINE_ENV = env VIRTUAL_ENV=$(abspath $(LINE_VENV)) PATH=$(abspath $(LINE_VENV))/
 CORE_TESTS := -m core tests
 
 .PHONY: gpu-prep gpu-baseline-wheels gpu-check
-.PHONY: setup build demo test test-rust test-python lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels patch-line
+.PHONY: setup build demo test test-rust test-python test-docs docs tutorials lint bench wheel clean check-line setup-line build-line test-core wheel-line wheels patch-line
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -91,7 +91,20 @@ test-rust: build
 test-python: build
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test: build lint test-rust test-python
+# The Python code blocks of the README, the docs and the public docstrings (conftest.py, Sybil).
+test-docs: build
+	$(PY) -m pytest -q -p no:cacheprovider README.md docs python/ewc_rs
+
+# The documentation site into site/ (mkdocs.yml), warnings as errors (broken links, missing references).
+docs: build
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict -q
+
+# The tutorial pages: each notebook executed in full into docs/tutorials/ (a few minutes; the MNIST
+# notebooks need the demo data). Run after changing a notebook (tests/project/test_docs_pages.py says so).
+tutorials: build
+	$(PY) scripts/run_tutorials.py
+
+test: build lint test-rust test-python test-docs docs
 
 bench: build
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) -c $(TORCH_CONSTRAINT) -r requirements-bench.txt

@@ -1,10 +1,10 @@
-"""Writes the README's layout section from the code: the package's layers as the import contract
+"""Writes the layout section of the docs' architecture page from the code: the package's layers as the import contract
 states them (``pyproject.toml``, ``[tool.importlinter]``), and every source file with the first
 sentence of its own docstring (Python) or ``//!`` comment (Rust), so that the section cannot drift.
 
     python scripts/layout.py            # prints the section
-    python scripts/layout.py --write    # replaces it in README.md (between the layout markers)
-    python scripts/layout.py --check    # exits 1 when README.md differs (tests/project/test_layout.py)
+    python scripts/layout.py --write    # replaces it in docs/explanation/architecture.md (between the markers)
+    python scripts/layout.py --check    # exits 1 when the page differs (tests/project/test_layout.py)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ else:  # pragma: no cover - the venv's Python is 3.11
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- layout:start (scripts/layout.py --write) -->", "<!-- layout:end -->"
 WIDTH = 44
+PAGE = "docs/explanation/architecture.md"
 
 
 def first_sentence(text: str) -> str:
@@ -81,24 +82,24 @@ def section() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="replace the section in README.md")
-    ap.add_argument("--check", action="store_true", help="exit 1 when README.md's section differs")
+    ap.add_argument("--write", action="store_true", help="replace the section in the page")
+    ap.add_argument("--check", action="store_true", help="exit 1 when the page's section differs")
     args = ap.parse_args()
     body = section()
     if not (args.write or args.check):
         print(body, end="")
         return 0
-    readme = ROOT / "README.md"
+    readme = ROOT / PAGE
     text = readme.read_text()
     if START not in text or END not in text:
-        print(f"README.md has no layout markers ({START} ... {END})", file=sys.stderr)
+        print(f"{PAGE} has no layout markers ({START} ... {END})", file=sys.stderr)
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{START}\n{body}{END}{tail}"
     if args.check:
         if new != text:
-            print("README.md's layout section is out of date: run python scripts/layout.py --write", file=sys.stderr)
+            print(f"{PAGE}'s layout section is out of date: run python scripts/layout.py --write", file=sys.stderr)
             return 1
         return 0
     readme.write_text(new)

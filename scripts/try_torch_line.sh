@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tries ewc_rs with a torch release that has no tch of its own (item 2 of issue #13): builds it with
 # the newest tch line's manifest (build-torch-2.13, tch 0.26) and torch-sys's version check bypassed
-# (LIBTORCH_BYPASS_VERSION_CHECK), then runs the core tests. Reproduces what README, "Torch
-# versions", reports for 2.12 (and, before the patched torch-sys of their own lines, for 2.14 and 2.15).
+# (LIBTORCH_BYPASS_VERSION_CHECK), then runs the core tests. Reproduces how the 2.12 line was admitted
+# (and 2.14 and 2.15, before the patched torch-sys of their own lines); docs: Reference, "Torch versions".
 #
 #   scripts/try_torch_line.sh 2.14.0 [FROM_LINE]     # FROM_LINE: the build-torch-X.Y line to borrow, default 2.13
 #

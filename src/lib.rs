@@ -17,7 +17,7 @@ pub mod summary;
 use bindings::cuda::{
     cuda_compile_check, cuda_kernel_set_enabled, cuda_kernel_status, cuda_set_nvrtc_dir,
 };
-use bindings::fisher::{layer_rule, FisherSums, LayerCall, LayerRule, RootSpec};
+use bindings::fisher::{layer_rule, registered_layers, FisherSums, LayerCall, LayerRule, RootSpec};
 use bindings::fisher8::{fisher8_dequantize, fisher8_quantize};
 use bindings::kfac::{KfacSums, KronPlan};
 use bindings::merge::merge_tensor;
@@ -36,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<KfacSums>()?;
     m.add_class::<KronPlan>()?;
     m.add_function(wrap_pyfunction!(layer_rule, m)?)?;
+    m.add_function(wrap_pyfunction!(registered_layers, m)?)?;
     m.add_function(wrap_pyfunction!(fused_penalty, m)?)?;
     m.add_function(wrap_pyfunction!(penalty_add_to_grads, m)?)?;
     m.add_function(wrap_pyfunction!(fisher8_quantize, m)?)?;

@@ -23,7 +23,7 @@ _problem = _native.mismatch_message(_core.TORCH_VERSION, _torch.__version__)
 if _problem is not None:
     raise ImportError(_problem)
 
-from . import checkpoint, cuda_kernel, distributed  # noqa: E402, F401  (README, "Many GPUs", "CUDA")
+from . import checkpoint, cuda_kernel, distributed  # noqa: E402, F401  (docs: "Many GPUs", "CUDA")
 from ._fisher.api import fisher_diag, fisher_kfac  # noqa: E402
 from ._fisher.options import KINDS  # noqa: E402
 from ._state.fisher_dict import FisherDict  # noqa: E402

@@ -20,6 +20,7 @@ __all__ = [
     "KfacSums",
     "KronPlan",
     "layer_rule",
+    "registered_layers",
     "penalty",
     "penalty_add_to_grads",
     "fisher8_quantize",
@@ -46,6 +47,9 @@ class LayerRule:
 def layer_rule(module: nn.Module) -> Optional[LayerRule]:
     """The rule for ``module``'s exact type with its current settings, or None (no rule covers it:
     its parameters need the exact fallback)."""
+
+def registered_layers() -> list[str]:
+    """The module types the rule registry covers (``__module__.__qualname__``), in its order."""
 
 @final
 class LayerCall:

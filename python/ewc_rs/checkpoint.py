@@ -19,6 +19,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from ._parallel.sharding import named_parameters
 from .ewc import EWC
 
+__all__ = ["load", "save"]
+
 #: The keys a checkpoint's tasks may sit under: the current format's, and version 1's (migrated on load).
 _TASKS_KEYS = ("tasks", "pairs")
 
@@ -26,14 +28,37 @@ _TASKS_KEYS = ("tasks", "pairs")
 def save(ewc: EWC, checkpoint_id: str) -> None:
     """Saves ``ewc.state_dict()`` with ``torch.distributed.checkpoint.save`` (call on every rank).
 
+    Without a process group DCP saves as a single process (with a ``UserWarning`` saying so).
+
     Args:
         ewc: the EWC object.
         checkpoint_id: the checkpoint's folder.
+
+    Raises:
+        torch.distributed.checkpoint.api.CheckpointException: ``checkpoint_id`` cannot be written (e.g. it is a
+            file); DCP raises it on every rank, with each failed rank's error.
+
+    Examples:
+        ```python
+        import os
+        import tempfile
+
+        import torch
+        from torch import nn
+        from ewc_rs import EWC, checkpoint
+
+        model = nn.Linear(4, 3)
+        ewc = EWC(model, lam=10.0)
+        ewc.consolidate([(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(ewc, folder)
+            assert any(name.endswith(".distcp") for name in os.listdir(folder))
+        ```
     """
     dcp.save(ewc.state_dict(), checkpoint_id=checkpoint_id)
 
 
-def template(ewc: EWC, checkpoint_id: str) -> dict[str, Any]:
+def _template(ewc: EWC, checkpoint_id: str) -> dict[str, Any]:
     """A state dict shaped like the checkpoint's, with tensors laid out like ``ewc``'s model's
     parameters (DTensors for sharded ones): what ``dcp.load`` fills in.
 
@@ -82,8 +107,28 @@ def load(ewc: EWC, checkpoint_id: str) -> None:
         checkpoint_id: the checkpoint's folder.
 
     Raises:
-        ValueError: the checkpoint does not fit the model (on every rank; ``ewc`` is unchanged).
+        ValueError: the checkpoint is not an EWC state or does not fit the model (on every rank; ``ewc`` is
+            unchanged).
+        FileNotFoundError: ``checkpoint_id`` holds no DCP checkpoint (no ``.metadata`` file).
+
+    Examples:
+        ```python
+        import tempfile
+
+        import torch
+        from torch import nn
+        from ewc_rs import EWC, checkpoint
+
+        model = nn.Linear(4, 3)
+        saved = EWC(model, lam=10.0)
+        saved.consolidate([(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(saved, folder)
+            restored = EWC(model, lam=1.0)
+            checkpoint.load(restored, folder)
+        assert restored.num_tasks == 1 and restored.lam == 10.0
+        ```
     """
-    state = template(ewc, checkpoint_id)
+    state = _template(ewc, checkpoint_id)
     dcp.load(state, checkpoint_id=checkpoint_id)
     ewc.load_state_dict(state)

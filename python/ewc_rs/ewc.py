@@ -65,6 +65,34 @@ class EWC:
             rest) in 8 bits, a log code with a scale pair per 64 values (1.125 bytes a parameter) read by the fused
             penalty; θ* in ``storage_dtype``; online folding in float32 (errors: ``benchmarks/fisher8_codes.py``).
             Not for FSDP2-sharded parameters.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``; ``params`` is none of the forms above.
+        ValueError: ``lam`` negative or not finite, ``gamma`` outside [0, 1], an unknown ``mode``,
+            ``norm_stats``, ``structure``, ``storage_dtype`` or ``fisher_bits``, a ``params`` selection that
+            matches no parameter requiring grad.
+
+    Examples:
+        ```python
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from ewc_rs import EWC
+
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        task_a = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+        task_b = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+
+        ewc = EWC(model, lam=100.0)
+        ewc.consolidate(task_a)  # after training on task A: F and θ* of task A
+        for x, y in task_b * 5:  # task B, penalised for moving what mattered to A
+            loss = F.cross_entropy(model(x), y) + ewc.penalty(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert ewc.num_tasks == 1 and ewc.penalty(model).item() > 0
+        ```
     """
 
     def __init__(
@@ -121,7 +149,25 @@ class EWC:
             The estimate: ``{name: F}``; kfac ``{"kron": {layer: (A, G)}, "diag": ...}``, ekfac ``{"ekfac": ...}``.
 
         Raises:
-            TypeError, ValueError: an unknown option; as :func:`ewc_rs.fisher_diag` (nothing is stored then).
+            TypeError: an unknown option.
+            ValueError: a bad ``damping`` (negative, or a structure other than ``"kfac"``); as
+                :func:`ewc_rs.fisher_diag` (nothing is stored then).
+
+        Examples:
+            ```python
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            loader = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+            fisher = EWC(model, lam=100.0).consolidate(loader, kind="exact")
+            assert set(fisher) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+            kfac = EWC(model, lam=100.0, structure="kfac").consolidate(loader, damping=1e-3)
+            A, G = kfac["kron"]["2"]  # the last layer: 8 inputs and a bias, 3 outputs
+            assert A.shape == (9, 9) and G.shape == (3, 3)
+            ```
         """
         opts = parse_options(kind, **fisher_options, where="consolidate")
         keep = options.selected_parameters(self._model, self._selector)
@@ -142,6 +188,22 @@ class EWC:
 
         Raises:
             ValueError: a protected parameter without F or θ*, of another shape, negative or non-finite F, bad damping.
+
+        Examples:
+            ```python
+            import torch
+            from torch import nn
+            from ewc_rs import EWC, fisher_diag
+
+            model = nn.Linear(4, 3)
+            fisher = fisher_diag(model, [(torch.randn(16, 4), torch.randint(0, 3, (16,)))], kind="exact")
+            theta_star = {name: p.detach().clone() for name, p in model.named_parameters()}
+            with torch.no_grad():
+                model.weight.add_(0.1)  # the weights moved on since F and θ* were taken
+            ewc = EWC(model, lam=100.0)
+            ewc.consolidate_from(fisher, theta_star=theta_star)
+            assert ewc.num_tasks == 1 and ewc.penalty(model).item() > 0
+            ```
         """
         keep = options.selected_parameters(self._model, self._selector)
         task = task_from_fisher(
@@ -174,6 +236,22 @@ class EWC:
 
         Raises:
             ValueError: a consolidated parameter is missing from ``model`` or changed shape.
+
+        Examples:
+            ```python
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0)
+            fisher = ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))], kind="exact")
+            assert ewc.penalty(model).item() == 0.0  # θ = θ*
+            with torch.no_grad():
+                model.weight.add_(0.1)
+            expected = 0.5 * 100.0 * (fisher["weight"] * 0.1**2).sum()
+            assert torch.allclose(ewc.penalty(model), expected, rtol=1e-4)
+            ```
         """
         model = self._model if model is None else model
         if not self._tasks:
@@ -199,6 +277,23 @@ class EWC:
 
         Raises:
             ValueError: a consolidated parameter is missing from ``model`` or changed shape; bad ``grad_scale``.
+
+        Examples:
+            ```python
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0)
+            fisher = ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))], kind="exact")
+            with torch.no_grad():
+                model.weight.add_(0.1)
+            model.zero_grad()  # in training: after loss.backward(), before opt.step()
+            value = ewc.backward(model)
+            assert torch.allclose(model.weight.grad, 100.0 * fisher["weight"] * 0.1, rtol=1e-4)
+            assert torch.allclose(value, ewc.penalty(model))
+            ```
         """
         scale = options.check_grad_scale(grad_scale)
         model = self._model if model is None else model
@@ -213,17 +308,84 @@ class EWC:
         return self._cached_plan
 
     def release_norm_stats(self) -> None:
-        """Removes the ``norm_stats="freeze"`` hooks: normalisation layers follow ``train()`` again."""
+        """Removes the ``norm_stats="freeze"`` hooks: normalisation layers follow ``train()`` again.
+
+        Until the next consolidation, which installs them again.
+
+        Examples:
+            ```python
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+            ewc = EWC(model, lam=100.0)
+            ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            statistics = model[1].running_mean.clone()
+            model.train()(torch.randn(16, 4))
+            assert torch.equal(model[1].running_mean, statistics)  # frozen after a consolidation
+            ewc.release_norm_stats()
+            model(torch.randn(16, 4))
+            assert not torch.equal(model[1].running_mean, statistics)  # updated again in train mode
+            ```
+        """
         self._norm_stats.release()
 
     def to(self, *args: Any, **kwargs: Any) -> EWC:
-        """Moves the stored curvature and θ* ahead of time to a device given as for ``Tensor.to``; returns this."""
+        """Moves the stored curvature and θ* ahead of time to a device given as for ``Tensor.to``.
+
+        ``penalty`` moves them to the parameters' device anyway, on first use; this does it now.
+
+        Args:
+            *args: a device, as ``Tensor.to`` takes it (a dtype given too is ignored).
+            **kwargs: ``device=``, as ``Tensor.to`` takes it.
+
+        Returns:
+            This ``EWC``.
+
+        Raises:
+            RuntimeError: an unknown device, or one this machine lacks (as ``Tensor.to``).
+
+        Examples:
+            ```python
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0)
+            ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            assert ewc.to(device) is ewc and ewc.penalty(model.to(device)).item() == 0.0
+            ```
+        """
         device = torch.empty(0).to(*args, **kwargs).device
         self._tasks, self._cached_plan = [task.to(device) for task in self._tasks], None
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """Config and stored tasks (``torch.save``-able; format: ``ewc_rs._state.persistence``)."""
+        """Config and stored tasks (``torch.save``-able; format: ``ewc_rs._state.persistence``).
+
+        Returns:
+            A dict of plain values and tensors, for :meth:`load_state_dict` (FSDP2: DTensors, for
+            ``ewc_rs.checkpoint``).
+
+        Examples:
+            ```python
+            import io
+
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0)
+            ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "ewc": ewc.state_dict()}, buffer)
+            assert ewc.state_dict()["lam"] == 100.0
+            ```
+        """
         return persistence.to_state_dict(self._state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -235,6 +397,25 @@ class EWC:
         Raises:
             ValueError: a malformed state (``ewc_rs._state.persistence.from_state_dict``), or a stored
                 parameter that the model lacks or holds with another shape.
+
+        Examples:
+            ```python
+            import io
+
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0, mode="online", gamma=0.9)
+            ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            buffer = io.BytesIO()
+            torch.save(ewc.state_dict(), buffer)
+            buffer.seek(0)
+            restored = EWC(model, lam=1.0)
+            restored.load_state_dict(torch.load(buffer))
+            assert (restored.lam, restored.mode, restored.gamma, restored.num_tasks) == (100.0, "online", 0.9, 1)
+            ```
         """
         loaded = persistence.from_state_dict(state, self._model)
         self.lam, self.mode, self.gamma, self.fisher_bits = loaded.lam, loaded.mode, loaded.gamma, loaded.fisher_bits
@@ -245,7 +426,31 @@ class EWC:
             self._norm_stats.install()
 
     def save(self, path: str) -> None:
-        """Writes the state to a safetensors file ``path`` (FSDP2: every rank calls this; rank 0 writes)."""
+        """Writes the state to a safetensors file ``path`` (FSDP2: every rank calls this; rank 0 writes).
+
+        Args:
+            path: the file to write (its folder must exist).
+
+        Raises:
+            safetensors.SafetensorError: ``path`` cannot be written (a folder, or in a missing folder).
+
+        Examples:
+            ```python
+            import os
+            import tempfile
+
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0)
+            ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            with tempfile.TemporaryDirectory() as folder:
+                ewc.save(os.path.join(folder, "ewc.safetensors"))
+                assert os.listdir(folder) == ["ewc.safetensors"]
+            ```
+        """
         persistence.write_file(self._state(), path)
 
     @classmethod
@@ -259,6 +464,29 @@ class EWC:
 
         Returns:
             A new ``EWC``.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a file from :meth:`save`, or a stored parameter that ``model`` lacks or holds
+                with another shape.
+
+        Examples:
+            ```python
+            import os
+            import tempfile
+
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+
+            model = nn.Linear(4, 3)
+            ewc = EWC(model, lam=100.0, storage_dtype=torch.bfloat16)
+            ewc.consolidate([(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            with tempfile.TemporaryDirectory() as folder:
+                ewc.save(os.path.join(folder, "ewc.safetensors"))
+                loaded = EWC.load(os.path.join(folder, "ewc.safetensors"), model)
+            assert loaded.num_tasks == 1 and loaded.lam == 100.0 and loaded.storage_dtype == torch.bfloat16
+            ```
         """
         state = persistence.read_file(path)
         ewc = cls(model, state["lam"], mode=state["mode"], gamma=state["gamma"], params=params)

@@ -62,6 +62,25 @@ def fisher_merge(
             state dicts whose keys, shapes or dtypes differ, a Fisher naming a tensor the models
             lack or of another shape, Fishers naming different parameters, a negative or
             non-finite Fisher, weights or ``eps`` that are negative, not finite, or sum to 0.
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        from ewc_rs import fisher_diag, fisher_merge
+
+        task_a, task_b = nn.Linear(4, 3), nn.Linear(4, 3)
+        fishers = [
+            fisher_diag(model, [(torch.randn(16, 4), torch.randint(0, 3, (16,)))], kind="exact")
+            for model in (task_a, task_b)
+        ]
+        merged = fisher_merge([task_a, task_b], fishers)
+        model = nn.Linear(4, 3)
+        model.load_state_dict(merged)
+        lo = torch.minimum(task_a.weight, task_b.weight)
+        hi = torch.maximum(task_a.weight, task_b.weight)
+        assert bool(((lo - 1e-6 <= model.weight) & (model.weight <= hi + 1e-6)).all())  # elementwise between
+        ```
     """
     states = _state_dicts(models_or_state_dicts)
     n = len(states)

@@ -1,7 +1,8 @@
 //! The Fisher engine's boundary types. Python builds them by keyword, each checked when built;
 //! the heavy work then runs with the GIL released.
 //!
-//! - `layer_rule(module)`: the rule of a module's exact type (`rules::REGISTRY`), or None.
+//! - `layer_rule(module)`: the rule of a module's exact type (`rules::REGISTRY`), or None;
+//!   `registered_layers()`: the registry's module types.
 //! - `LayerCall`: one recorded call of such a module (input, output, parameter slots).
 //! - `RootSpec`: the Fisher kind, the likelihood and the tensors they need.
 //! - `FisherSums`: the per-parameter sums of one estimation, fed batch by batch.
@@ -65,6 +66,13 @@ pub fn layer_rule(module: &Bound<'_, PyAny>) -> PyResult<Option<LayerRule>> {
         return Ok(None);
     };
     Ok(read(module)?.map(|rule| LayerRule { type_name, rule }))
+}
+
+/// The module types the rule registry covers (`__module__.__qualname__`, exact types), in the
+/// registry's order: what the documentation's "Supported layers" page is generated from.
+#[pyfunction]
+pub fn registered_layers() -> Vec<&'static str> {
+    rules::REGISTRY.iter().map(|(name, _)| *name).collect()
 }
 
 /// One recorded call of a layer with a rule.

@@ -1,4 +1,4 @@
-"""The one-pass CUDA penalty kernel (README, "CUDA").
+"""The one-pass CUDA penalty kernel (docs/how-to/cuda.md, docs/explanation/penalty.md).
 
 Without a GPU only the first section runs: NVRTC compiles the kernel source for the architectures
 we target (torch's CUDA wheels ship NVRTC; a CPU-only torch skips, saying so), and the switch. The

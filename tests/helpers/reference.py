@@ -16,7 +16,7 @@ Conventions
   appear once, under their first name) for parameters with ``requires_grad``; values are float64
   CPU tensors with the parameter's shape.
 
-The maths (see the README, section "The maths"): per-sample log-likelihood
+The maths (see docs/explanation/maths.md): per-sample log-likelihood
 ℓ_n(θ) = log p(y_n | x_n, θ), diagonal Fisher F = (1/N) Σ_n (∇θ ℓ_n)², penalty
 P(θ) = (λ/2) Σ_i F_i (θ_i − θ*_i)².
 """

@@ -38,14 +38,27 @@ def test_no_too_many_arguments_allowance_in_rust() -> None:
     assert not found, f"clippy::too_many_arguments allowed in {found}"
 
 
-def test_ewc_class_is_a_facade_of_at_most_230_lines() -> None:
-    """Signatures and docstrings count too: 230 since ``consolidate``/``consolidate_from`` took ``damping=``
-    (its check and use live in ``_structures``)."""
+def _docstring_lines(tree: ast.AST) -> set[int]:
+    """The line numbers of every class's and function's docstring inside ``tree``."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
+            doc = node.body[0]
+            assert doc.end_lineno is not None
+            lines.update(range(doc.lineno, doc.end_lineno + 1))
+    return lines
+
+
+def test_ewc_class_is_a_facade_of_at_most_128_code_lines() -> None:
+    """Signatures, blank lines and comments count; docstrings do not (their sections and runnable examples
+    are required by ``test_docstrings.py``). 128: the former budget of 230 lines docstrings included, less
+    the 102 docstring lines the class had then, so the code keeps the same room (since
+    ``consolidate``/``consolidate_from`` took ``damping=``, whose check and use live in ``_structures``)."""
     tree = ast.parse((LIBRARY / "ewc.py").read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EWC"]
     assert cls.end_lineno is not None
-    lines = cls.end_lineno - cls.lineno + 1
-    assert lines <= 230, f"EWC is {lines} lines: move logic to tasks/penalty/persistence/norm_stats"
+    lines = len(set(range(cls.lineno, cls.end_lineno + 1)) - _docstring_lines(cls))
+    assert lines <= 128, f"EWC is {lines} lines of code: move logic to tasks/penalty/persistence/norm_stats"
 
 
 def _library_modules() -> list[Path]:

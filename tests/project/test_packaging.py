@@ -1,7 +1,7 @@
 """Packaging invariants, checked without the compiled extension (files are read, not imported).
 
 * The torch versions are written once, in ``python/ewc_rs/_torch_version.py``; the places that cannot
-  read it (pyproject.toml's range, the README's commands, the per-line manifests build-torch-X.Y/) must
+  read it (pyproject.toml's range, the per-line manifests build-torch-X.Y/) must
   say the same, and each line's manifest must be the root one with only its tch crates changed.
 * The core package ``ewc_rs`` does not import the demo (``ewc_rs.demo``: data files, plots), nor the
   framework integrations (``ewc_rs.integrations``), whose package imports no framework.
@@ -132,21 +132,6 @@ def test_requirements_leave_torch_to_the_makefile() -> None:
     for name in ("requirements-dev.txt", "requirements-bench.txt", "requirements-core.txt"):
         lines = (REPO / name).read_text(encoding="utf-8").splitlines()
         assert not [ln for ln in lines if re.match(r"\s*torch\s*([=<>!~]|$)", ln)], name
-
-
-def test_readme_names_the_supported_versions() -> None:
-    """The README's install lines name supported versions only, and its table lists every one of them."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert _torch_version() in set(re.findall(r"torch==(\d+\.\d+\.\d+)", readme))
-    assert set(re.findall(r"torch==(\d+\.\d+\.\d+)", readme)) <= set(_supported())
-    header = "| torch | tch / torch-sys / pyo3-tch | verified |"
-    assert header in readme, "README: no 'Torch versions' table"
-    rows = readme.split(header, 1)[1].split("\n\n", 1)[0]
-    table = re.findall(r"^\| (\d+\.\d+\.\d+) \| (\S+) \|", rows, re.MULTILINE)
-    assert {v for v, _ in table} == set(_supported()), "README's 'Torch versions' table"
-    for version, tch in table:
-        line = _toml(REPO / _versions()["build_dir"](version) / "Cargo.toml")
-        assert tch == _tch_version(line), f"README says tch {tch} for torch {version}"
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -143,7 +143,7 @@ def fisher_diag(
     any other parameter (custom modules, cross-attention, parameters used outside their module)
     by an exact per-sample pass.
 
-    Data-parallel (README, "Many GPUs"): inside an initialised process group (or with ``group=``)
+    Data-parallel (docs: How-to, "Many GPUs"): inside an initialised process group (or with ``group=``)
     each rank estimates over its own loader (e.g. with a ``DistributedSampler``); the sums of
     squared per-sample gradients and the sample counts are all-reduced once at the end, so every
     rank returns the Fisher over the union of the ranks' samples (a rank with an empty loader
@@ -190,6 +190,20 @@ def fisher_diag(
             ignored, ``exact`` beyond 1024 (position, class) pairs, non-finite results; under a
             group (on every rank): the ranks hold different models, all loaders are empty; a
             sharded model without a process group.
+        TypeError: ``model`` is not a ``torch.nn.Module`` (an option of the wrong type is a ValueError).
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        from ewc_rs import fisher_diag
+
+        model = nn.Linear(4, 3)
+        loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+        fisher = fisher_diag(model, loader, kind="empirical")
+        assert set(fisher) == {"weight", "bias"} and fisher["weight"].shape == (3, 4)
+        assert fisher.metadata["samples"] == 16 and bool((fisher["weight"] >= 0).all())
+        ```
     """
     options = _parsed("fisher_diag", locals())
     result = estimate(model, loader, options)
@@ -219,11 +233,17 @@ def fisher_kfac(
         loader: iterable of ``(inputs, targets)`` batches, as for :func:`ewc_rs.fisher_diag`.
         kind: ``"exact"`` (G = Σ_c p(c|x) g_c g_cᵀ), ``"mc"`` (labels drawn from the model,
             ``mc_samples`` per sample) or ``"empirical"`` (the data's labels).
-        likelihood, mc_samples, num_samples, progress, generator, class_dim, ignore_index,
-            outputs, group: as for :func:`ewc_rs.fisher_diag`. Under a process group (DDP, or
-            ``group=``) A, G and the diagonal rest are summed over the ranks' samples in the one
-            all-reduce of the diagonal Fisher: every rank gets the factors of the union of the
-            ranks' data.
+        likelihood: as for :func:`ewc_rs.fisher_diag`.
+        mc_samples: as for :func:`ewc_rs.fisher_diag`.
+        num_samples: as for :func:`ewc_rs.fisher_diag`.
+        progress: as for :func:`ewc_rs.fisher_diag`.
+        generator: as for :func:`ewc_rs.fisher_diag`.
+        class_dim: as for :func:`ewc_rs.fisher_diag`.
+        ignore_index: as for :func:`ewc_rs.fisher_diag`.
+        outputs: as for :func:`ewc_rs.fisher_diag`.
+        group: as for :func:`ewc_rs.fisher_diag`. Under a process group (DDP, or ``group=``) A, G
+            and the diagonal rest are summed over the ranks' samples in the one all-reduce of the
+            diagonal Fisher: every rank gets the factors of the union of the ranks' data.
 
     Returns:
         ``{"kron": {module_name: (A, G)}, "diag": {parameter_name: F}}``, float32 on the model's
@@ -234,6 +254,21 @@ def fisher_kfac(
     Raises:
         ValueError: as :func:`ewc_rs.fisher_diag`; ``kind="batched"``; non-finite factors; an
             FSDP2-sharded model (its layers' factors need whole weights: use ``fisher_diag``).
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        from ewc_rs import fisher_kfac
+
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.LayerNorm(3))
+        loader = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+        kfac = fisher_kfac(model, loader, kind="exact")
+        A, G = kfac["kron"]["0"]  # the first Linear: inputs and a bias column, 8 output units
+        assert A.shape == (5, 5) and G.shape == (8, 8)
+        assert set(kfac["diag"]) == {"3.weight", "3.bias"}  # LayerNorm has no Kronecker form
+        ```
     """
     options = _parsed("fisher_kfac", locals())
     result = estimate(model, loader, options, kronecker=True)

@@ -10,7 +10,31 @@ import torch
 
 
 class FisherDict(dict):  # type: ignore[type-arg]
-    """``{parameter name: F}`` with ``.metadata``: what the estimation or the file says about it."""
+    """``{parameter name: F}`` with ``.metadata``: what the estimation or the file says about it.
+
+    :func:`ewc_rs.fisher_diag` and :func:`ewc_rs.load_fisher` return one; it is a ``dict`` in every other way.
+
+    Args:
+        data: the ``{parameter name: F}`` entries (a mapping, or ``(name, F)`` pairs, as ``dict`` takes).
+        metadata: what is known about the Fisher (``kind``, ``likelihood``, ``samples``, ...); copied.
+
+    Raises:
+        TypeError: ``data`` is neither a mapping nor an iterable of pairs, or ``metadata`` is not a mapping.
+        ValueError: an item of ``data`` is a sequence of other than two elements.
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        from ewc_rs import FisherDict, fisher_diag
+
+        model = nn.Linear(4, 3)
+        fisher = fisher_diag(model, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], kind="exact")
+        assert isinstance(fisher, FisherDict) and fisher.metadata["samples"] == 8
+        scaled = FisherDict({n: 2 * f for n, f in fisher.items()}, metadata=fisher.metadata)
+        assert scaled.metadata["kind"] == "exact" and set(scaled) == {"weight", "bias"}
+        ```
+    """
 
     def __init__(self, data: Mapping[str, torch.Tensor] = (), metadata: Optional[Mapping[str, Any]] = None) -> None:  # type: ignore[assignment]
         super().__init__(data)

@@ -77,6 +77,22 @@ def save_fisher(
         ValueError: an empty mapping, a tensor that is not a finite non-negative float tensor, a
             ``path`` that exists and is not an empty folder, metadata that is not JSON, a
             ``max_shard_bytes`` that is not a positive integer. Nothing is written then.
+
+    Examples:
+        ```python
+        import os
+        import tempfile
+
+        import torch
+        from torch import nn
+        from ewc_rs import fisher_diag, save_fisher
+
+        model = nn.Linear(4, 3)
+        fisher = fisher_diag(model, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], kind="exact")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_fisher(os.path.join(tmp, "fisher"), fisher, metadata={"dataset": "synthetic"})
+            assert sorted(os.listdir(folder)) == ["fisher-00001-of-00001.safetensors", "fisher.safetensors.index.json"]
+        ```
     """
     tensors = checked(fisher)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
@@ -166,6 +182,24 @@ def load_fisher(
         ValueError: not a Fisher folder (no index, or another format), a missing shard, an index
             naming a tensor its shard lacks, ``names`` the file lacks, a tensor that does not fit
             ``model``, a ``dtype`` that is not floating point.
+
+    Examples:
+        ```python
+        import os
+        import tempfile
+
+        import torch
+        from torch import nn
+        from ewc_rs import fisher_diag, load_fisher, save_fisher
+
+        model = nn.Linear(4, 3)
+        fisher = fisher_diag(model, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], kind="exact")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_fisher(os.path.join(tmp, "fisher"), fisher, metadata={"dataset": "synthetic"})
+            loaded = load_fisher(os.path.join(tmp, "fisher"), model=model, dtype=torch.bfloat16)
+        assert loaded["weight"].dtype == torch.bfloat16 and loaded["weight"].shape == (3, 4)
+        assert loaded.metadata["kind"] == "exact" and loaded.metadata["user"] == {"dataset": "synthetic"}
+        ```
     """
     folder = Path(path)
     index_file = folder / INDEX

@@ -25,13 +25,30 @@ EDGES = tuple(10.0**k for k in range(-20, 7))
 class FisherSummary:
     """Per-tensor statistics of a Fisher, one row per tensor (in ``names`` order).
 
+    Made by :func:`fisher_summary`; the fields are numpy arrays with one entry (or row) per tensor.
+
     Attributes:
         names: the tensors' names.
-        count, total, mean, max: elements, their sum (the tensor's Fisher mass), mean and largest.
+        count: each tensor's number of elements.
+        total: their sum, the tensor's Fisher mass.
+        mean: their mean.
+        max: the largest.
         share: each tensor's part of the whole Fisher's mass (sums to 1 when any is positive).
-        levels, quantiles: the quantile levels and, per tensor, the quantiles at them.
-        edges, histogram: the histogram edges and per tensor the counts below ``edges[0]`` (zeros
-            too), in each ``[edges[k], edges[k+1])`` and from ``edges[-1]`` on.
+        levels: the quantile levels.
+        quantiles: per tensor, the quantiles at ``levels``.
+        edges: the histogram edges.
+        histogram: per tensor the counts below ``edges[0]`` (zeros too), in each
+            ``[edges[k], edges[k+1])`` and from ``edges[-1]`` on.
+
+    Examples:
+        ```python
+        import torch
+        from ewc_rs import fisher_summary
+
+        summary = fisher_summary({"a.weight": torch.full((10,), 3.0), "b.weight": torch.ones(30)})
+        assert summary.names == ["a.weight", "b.weight"] and summary.share.round(2).tolist() == [0.5, 0.5]
+        assert summary.count.tolist() == [10, 30] and summary.histogram.shape == (2, len(summary.edges) + 1)
+        ```
     """
 
     names: list[str]
@@ -46,7 +63,25 @@ class FisherSummary:
     histogram: npt.NDArray[np.int64]
 
     def table(self, top: int = 10) -> str:
-        """The ``top`` tensors by Fisher mass as an aligned text table (name, elements, share, mean, max)."""
+        """The ``top`` tensors by Fisher mass as an aligned text table (name, elements, share, mean, max).
+
+        Args:
+            top: how many tensors, largest mass first.
+
+        Returns:
+            The table, a header line and one line per tensor.
+
+        Examples:
+            ```python
+            import torch
+            from ewc_rs import fisher_summary
+
+            summary = fisher_summary({"small": torch.ones(4), "large": torch.full((4,), 9.0)})
+            table = summary.table(top=1)
+            print(table)
+            assert table.splitlines()[1].startswith("large")
+            ```
+        """
         order = np.argsort(-self.total)[:top]
         width = max([len("tensor")] + [len(self.names[i]) for i in order])
         rows = [f"{'tensor':<{width}}  {'elements':>10}  {'share':>7}  {'mean':>9}  {'max':>9}"]
@@ -77,6 +112,20 @@ def fisher_summary(
     Raises:
         ValueError: an empty mapping, a tensor that is not a finite non-negative float tensor,
             levels outside [0, 1], edges that do not increase.
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        from ewc_rs import fisher_diag, fisher_summary
+
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        fisher = fisher_diag(model, [(torch.randn(16, 4), torch.randint(0, 3, (16,)))], kind="exact")
+        summary = fisher_summary(fisher, levels=[0.5, 0.99])
+        assert summary.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        assert abs(summary.share.sum() - 1.0) < 1e-9 and summary.quantiles.shape == (4, 2)
+        print(summary.table())
+        ```
     """
     tensors = checked(fisher)
     names = list(tensors)
@@ -108,12 +157,6 @@ def equivalent_lam(lam: float, source: Mapping[str, torch.Tensor], target: Mappi
     λ_target = λ · Σ F_source / Σ F_target, summed in float64 over the parameters both hold.
     ``docs/fisher_kinds.md`` compares this with the λ a validation search picks.
 
-    Example::
-
-        exact = ewc_rs.fisher_diag(model, loader, kind="exact")
-        batched = ewc_rs.fisher_diag(model, loader, kind="batched")
-        lam_batched = ewc_rs.equivalent_lam(100.0, exact, batched)   # ≫ 100
-
     Args:
         lam: λ ≥ 0 tuned for ``source`` (finite).
         source: ``{name: F}`` the λ was chosen for.
@@ -126,6 +169,20 @@ def equivalent_lam(lam: float, source: Mapping[str, torch.Tensor], target: Mappi
         ValueError: ``lam`` negative or not finite; a Fisher that is not a non-empty mapping of finite
             non-negative float tensors; the two name different parameters or shapes; ``target``'s
             mass is zero while ``source``'s is not.
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        from ewc_rs import equivalent_lam, fisher_diag
+
+        model = nn.Linear(4, 3)
+        loader = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+        exact = fisher_diag(model, loader, kind="exact")
+        batched = fisher_diag(model, loader, kind="batched")  # about 1/16 of the Fisher
+        lam_batched = equivalent_lam(100.0, exact, batched)
+        assert lam_batched > 100.0
+        ```
     """
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")

@@ -26,7 +26,7 @@ Rows (keys of ``OUT/seed.json`` → ``{"seed": {row: {"mnist_after_a", "mnist_af
 
 BatchNorm policy of the other rows (the honest comparison): in the article, ``get_accuracy``
 left the model in eval mode, so *both* its rows trained task B with BatchNorm statistics frozen
-at task A's (see the README, section "The seed article's table"). Here every row except
+at task A's (see the docs' Results page, "Demos"). Here every row except
 ``ewc_exact_bn_update`` uses that same policy, on purpose and explicitly: ``ewc_batched`` and
 ``ewc_exact`` through the library default ``norm_stats="freeze"``, ``no_ewc`` through
 :func:`.train.freeze_norm_stats` (no ``EWC`` object). The rows then differ only in the penalty,

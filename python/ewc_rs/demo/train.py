@@ -6,7 +6,7 @@ The training loop is the one a user writes::
 
 :func:`accuracy` switches the model to eval mode and **restores** the mode each submodule had
 before (the seed article's ``get_accuracy`` did not, so its task B was trained with BatchNorm
-in eval mode by accident; see the README, section "The seed article's table").
+in eval mode by accident; see the docs' Results page, "Demos").
 """
 
 from __future__ import annotations

@@ -49,6 +49,39 @@ class EWCPlugin(SupervisedPlugin):  # type: ignore[misc]
             the rest for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, progress, ...).
 
     The :class:`ewc_rs.EWC` object is ``self.ewc``, bound to the strategy's model on first use.
+
+    Raises:
+        ValueError: ``lam`` negative or not finite, an unknown ``kind``, a ``batch_size`` that is not a positive
+            int; on first use, the options :class:`ewc_rs.EWC` refuses.
+
+    Examples:
+        ```python
+        import torch
+        from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+        from avalanche.benchmarks.utils import as_classification_dataset
+        from avalanche.training.plugins import EvaluationPlugin
+        from avalanche.training.supervised import Naive
+        from torch import nn
+        from torch.utils.data import TensorDataset
+        from ewc_rs.integrations.avalanche import EWCPlugin
+
+        def experience_data():
+            x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+            data = TensorDataset(x, y)
+            data.targets = y
+            return as_classification_dataset(data)
+
+        benchmark = benchmark_from_datasets(train=[experience_data(), experience_data()])
+        model = nn.Linear(4, 3)
+        plugin = EWCPlugin(100.0, kind="exact")
+        strategy = Naive(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+            train_mb_size=8, train_epochs=1, plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]),
+        )
+        for experience in benchmark.train_stream:
+            strategy.train(experience)  # penalised from the second on; consolidates at the end of each
+        assert plugin.ewc is not None and plugin.ewc.num_tasks == 2
+        ```
     """
 
     def __init__(
@@ -87,7 +120,18 @@ class EWCPlugin(SupervisedPlugin):  # type: ignore[misc]
 
         Raises:
             TypeError: a task-aware ``MultiTaskModule`` (called as ``model(x, task_labels)``).
-            ValueError: a different model than the one bound first.
+            ValueError: a different model than the one bound first; the options :class:`ewc_rs.EWC` refuses.
+
+        Examples:
+            ```python
+            from torch import nn
+            from ewc_rs.integrations.avalanche import EWCPlugin
+
+            plugin = EWCPlugin(100.0, mode="online", gamma=0.9)
+            model = nn.Linear(4, 3)
+            ewc = plugin.bind(model)
+            assert plugin.bind(model) is ewc is plugin.ewc and ewc.mode == "online"
+            ```
         """
         if isinstance(model, MultiTaskModule):
             raise TypeError("model: EWCPlugin calls model(x); task-aware MultiTaskModule models are not supported")
@@ -98,14 +142,17 @@ class EWCPlugin(SupervisedPlugin):  # type: ignore[misc]
         return self.ewc
 
     def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Binds the plugin's :class:`ewc_rs.EWC` to the strategy's model (Avalanche calls this)."""
         self.bind(strategy.model)
 
     def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Adds the penalty to ``strategy.loss`` once a task is consolidated (Avalanche calls this)."""
         ewc = self.bind(strategy.model)
         if ewc.num_tasks:
             strategy.loss = strategy.loss + ewc.penalty(strategy.model)
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Consolidates on the experience just trained on (Avalanche calls this)."""
         self.consolidate(strategy)
 
     def consolidate(self, strategy: Any) -> dict[str, Tensor]:
@@ -116,6 +163,28 @@ class EWCPlugin(SupervisedPlugin):  # type: ignore[misc]
 
         Returns:
             The new task's Fisher, as :meth:`ewc_rs.EWC.consolidate` returns it.
+
+        Raises:
+            TypeError: a task-aware model (as :meth:`bind`); an unknown Fisher option.
+            ValueError: an empty dataset, a batch that is not ``(x, y[, task_label])``; as
+                :meth:`ewc_rs.EWC.consolidate`.
+
+        Examples:
+            ```python
+            from types import SimpleNamespace
+
+            import torch
+            from torch import nn
+            from torch.utils.data import TensorDataset
+            from ewc_rs.integrations.avalanche import EWCPlugin
+
+            # What the plugin reads of a strategy: its model, current experience and minibatch size.
+            experience = SimpleNamespace(dataset=TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))))
+            strategy = SimpleNamespace(model=nn.Linear(4, 3), experience=experience, train_mb_size=8)
+            plugin = EWCPlugin(100.0, kind="exact")
+            fisher = plugin.consolidate(strategy)
+            assert set(fisher) == {"weight", "bias"} and plugin.ewc.num_tasks == 1
+            ```
         """
         ewc = self.bind(strategy.model)
         batches = ExperienceBatches(strategy.experience.dataset, self.batch_size or strategy.train_mb_size)
@@ -130,6 +199,21 @@ class ExperienceBatches:
     Args:
         dataset: the experience's dataset.
         batch_size: samples per batch.
+
+    Raises:
+        ValueError: an empty dataset, or one without a length; while iterating, a batch that is not
+            ``(x, y[, task_label])``.
+
+    Examples:
+        ```python
+        import torch
+        from torch.utils.data import TensorDataset
+        from ewc_rs.integrations.avalanche import ExperienceBatches
+
+        x, y, task = torch.randn(10, 4), torch.randint(0, 3, (10,)), torch.zeros(10, dtype=torch.long)
+        batches = list(ExperienceBatches(TensorDataset(x, y, task), batch_size=4))
+        assert [len(bx) for bx, by in batches] == [4, 4, 2]  # (x, y) pairs: the task labels dropped
+        ```
     """
 
     def __init__(self, dataset: Any, batch_size: int) -> None:

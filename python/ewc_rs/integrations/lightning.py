@@ -48,6 +48,51 @@ class EWCCallback(Callback):
             penalty's gradient (added after DDP's all-reduce) needs.
         log_name: the penalty's value is logged with ``pl_module.log`` under this name each step; None: not logged.
         **fisher_options: for :func:`ewc_rs.fisher_diag` (likelihood, mc_samples, num_samples, progress, ...).
+
+    Raises:
+        TypeError: ``ewc`` is not an :class:`ewc_rs.EWC`.
+        ValueError: an unknown ``kind``; at the start of ``fit``, a trainer with several optimizers.
+
+    Examples:
+        ```python
+        import tempfile
+
+        import lightning.pytorch as pl
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+        from ewc_rs import EWC
+        from ewc_rs.integrations.lightning import EWCCallback
+
+        class Classifier(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = nn.Linear(4, 3)
+
+            def forward(self, x):  # what the consolidation calls
+                return self.net(x)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return F.cross_entropy(self(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        module = Classifier()
+        ewc = EWC(module, lam=100.0)
+        callback = EWCCallback(ewc, kind="exact")
+        tasks = [DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8) for _ in "ab"]
+        with tempfile.TemporaryDirectory() as folder:
+            for loader in tasks:  # task A: consolidates at the end; task B: penalised, then consolidates
+                trainer = pl.Trainer(
+                    max_epochs=1, callbacks=[callback], default_root_dir=folder, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                )
+                trainer.fit(module, loader)
+        assert ewc.num_tasks == 2 and "ewc_penalty" in trainer.callback_metrics
+        ```
     """
 
     def __init__(
@@ -101,7 +146,24 @@ class EWCCallback(Callback):
             The new task's Fisher, as :meth:`ewc_rs.EWC.consolidate` returns it.
 
         Raises:
-            ValueError: no loader given and the trainer has no train dataloader.
+            ValueError: no loader given and the trainer has no train dataloader; as :meth:`ewc_rs.EWC.consolidate`.
+            TypeError: an unknown Fisher option.
+
+        Examples:
+            ```python
+            import lightning.pytorch as pl
+            import torch
+            from torch import nn
+            from ewc_rs import EWC
+            from ewc_rs.integrations.lightning import EWCCallback
+
+            model = nn.Linear(4, 3)  # or a LightningModule
+            ewc = EWC(model, lam=100.0)
+            callback = EWCCallback(ewc, kind="exact", consolidate_on_train_end=False)
+            trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            fisher = callback.consolidate(trainer, loader=[(torch.randn(16, 4), torch.randint(0, 3, (16,)))])
+            assert ewc.num_tasks == 1 and set(fisher) == {"weight", "bias"}
+            ```
         """
         batches = loader if loader is not None else self.loader if self.loader is not None else trainer.train_dataloader
         if batches is None:

@@ -61,7 +61,32 @@ def lora_delta_penalty(
 
     Raises:
         ValueError: no LoRA layer; a LoRA layer's base weight missing from ``fisher`` or of another
-            shape; a merged adapter; a LoRA variant (DoRA, ...) or ``lora_bias``, whose merge is not W0 + ΔW.
+            shape; a merged adapter; a LoRA variant (DoRA, ...) or ``lora_bias``, whose merge is not W0 + ΔW;
+            ``lam`` negative or not finite.
+
+    Examples:
+        ```python
+        from collections import OrderedDict
+
+        import torch
+        import torch.nn.functional as F
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+        from ewc_rs import fisher_diag
+        from ewc_rs.integrations.peft import lora_delta_penalty
+
+        model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 8), act=nn.Tanh(), fc2=nn.Linear(8, 3)))
+        fisher = fisher_diag(model, [(torch.randn(16, 4), torch.randint(0, 3, (16,)))])  # task A, base names
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+        assert lora_delta_penalty(peft_model, fisher, lam=100.0).item() == 0.0  # PEFT starts with ΔW = 0
+        opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+        for x, y in [(torch.randn(16, 4), torch.randint(0, 3, (16,)))] * 3:  # task B, a new adapter
+            loss = F.cross_entropy(peft_model(x), y) + lora_delta_penalty(peft_model, fisher, lam=100.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert lora_delta_penalty(peft_model, fisher, lam=100.0).item() > 0.0
+        ```
     """
     lam = check_lam(lam)
     total: Optional[Tensor] = None
@@ -88,6 +113,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
 
     Yields:
         ``(name, layer)``; ``f"{name}.weight"`` is the base weight's name in the model without LoRA.
+
+    Examples:
+        ```python
+        from collections import OrderedDict
+
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+        from ewc_rs.integrations.peft import lora_layers
+
+        model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 8), act=nn.Tanh(), fc2=nn.Linear(8, 3)))
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["fc2"]))
+        assert [name for name, layer in lora_layers(peft_model)] == ["fc2"]
+        ```
     """
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model

@@ -44,6 +44,36 @@ class EWCTrainer(Trainer):
         **kwargs: as for ``transformers.Trainer``.
 
     The penalty's mean over the logged steps is added to the training logs as ``ewc_penalty``.
+
+    Raises:
+        TypeError: ``ewc`` is not an :class:`ewc_rs.EWC`.
+
+    Examples:
+        ```python
+        import tempfile
+
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        from ewc_rs import EWC
+        from ewc_rs.integrations.transformers import EWCTrainer
+
+        config = BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+        )
+        model = BertForSequenceClassification(config)
+        task_a = [{"input_ids": torch.randint(0, 50, (6,)), "labels": torch.tensor(i % 2)} for i in range(8)]
+        task_b = [{"input_ids": torch.randint(0, 50, (6,)), "labels": torch.tensor(1)} for i in range(8)]
+        ewc = EWC(model, lam=100.0)
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(
+                output_dir=out, per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+            )
+            EWCTrainer(model=model, args=args, train_dataset=task_a, ewc=ewc).consolidate(kind="exact")
+            trainer = EWCTrainer(model=model, args=args, train_dataset=task_b, ewc=ewc)
+            trainer.train()  # loss + (λ/2) Σ F (θ − θ*)²
+        assert "ewc_penalty" in trainer.state.log_history[0]
+        ```
     """
 
     def __init__(self, *args: Any, ewc: EWC, **kwargs: Any) -> None:
@@ -94,6 +124,25 @@ class EWCTrainer(Trainer):
 
         Returns:
             A positive int.
+
+        Examples:
+            ```python
+            import tempfile
+
+            from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+            from ewc_rs import EWC
+            from ewc_rs.integrations.transformers import EWCTrainer
+
+            config = BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+            )
+            model = BertForSequenceClassification(config)
+            with tempfile.TemporaryDirectory() as out:
+                args = TrainingArguments(output_dir=out, gradient_accumulation_steps=4, report_to="none", use_cpu=True)
+                trainer = EWCTrainer(model=model, args=args, ewc=EWC(model, lam=100.0))
+                assert trainer.penalty_divisor(None) == 1  # training_step divides the loss, penalty included
+                assert trainer.penalty_divisor(24) == 4  # the model's loss is per item: divide the penalty here
+            ```
         """
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
@@ -132,6 +181,31 @@ class EWCTrainer(Trainer):
 
         Returns:
             The new task's Fisher ``{name: F}``, as :meth:`ewc_rs.EWC.consolidate` returns it.
+
+        Raises:
+            ValueError: the trainer has no model, a batch without the label key; as :meth:`ewc_rs.EWC.consolidate`.
+            TypeError: a batch that is not a dict; an unknown Fisher option.
+
+        Examples:
+            ```python
+            import tempfile
+
+            import torch
+            from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+            from ewc_rs import EWC
+            from ewc_rs.integrations.transformers import EWCTrainer
+
+            config = BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+            )
+            model = BertForSequenceClassification(config)
+            batches = [{"input_ids": torch.randint(0, 50, (4, 6)), "labels": torch.tensor([0, 1, 1, 0])}]
+            ewc = EWC(model, lam=100.0)
+            with tempfile.TemporaryDirectory() as out:
+                trainer = EWCTrainer(model=model, args=TrainingArguments(output_dir=out, report_to="none"), ewc=ewc)
+                fisher = trainer.consolidate(kind="exact", dataloader=batches)
+            assert ewc.num_tasks == 1 and fisher["classifier.weight"].shape == (2, 16)
+            ```
         """
         if self.model is None:
             raise ValueError("model: the trainer has no model")
@@ -145,6 +219,20 @@ class LabelSplit:
     Args:
         loader: iterable of dict batches.
         label_names: the keys of the targets; exactly one (EWC's likelihoods take one target tensor).
+
+    Raises:
+        ValueError: ``label_names`` names more than one key; while iterating, a batch without the label key.
+        TypeError: while iterating, a batch that is not a dict.
+
+    Examples:
+        ```python
+        import torch
+        from ewc_rs.integrations.transformers import LabelSplit
+
+        batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "label": torch.tensor([0, 1])}]
+        (inputs, targets), = LabelSplit(batches, label_names=["label"])
+        assert list(inputs) == ["input_ids"] and targets.tolist() == [0, 1]
+        ```
     """
 
     def __init__(self, loader: Iterable[Any], label_names: Optional[Sequence[str]] = None) -> None:
