@@ -79,8 +79,8 @@ demo: build
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
-	$(PY) -m ruff check python tests benchmarks build_backend scripts
-	$(PY) -m ruff format --check python tests benchmarks build_backend scripts
+	$(PY) -m ruff check python tests benchmarks build_backend scripts conftest.py
+	$(PY) -m ruff format --check python tests benchmarks build_backend scripts conftest.py
 	$(PY) -m mypy python/ewc_rs build_backend scripts
 	PYTHONPATH=python $(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m mypy.stubtest ewc_rs._core --allowlist .ci/stubtest-allowlist.txt
