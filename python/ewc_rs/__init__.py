@@ -1,8 +1,15 @@
 """ewc_rs: Elastic Weight Consolidation for PyTorch with a Rust (libtorch) core.
 
-``import torch`` must come before the native module is loaded (it has no rpath to libtorch), and
-the torch version must be the one the extension was built against: read from the extension's file
-before loading it (``_native.py``), and checked again against what the loaded module says.
+The public API: `EWC` (consolidate tasks, add the penalty to the loss), `fisher_diag` and
+`fisher_kfac` (estimate the Fisher), `save_fisher` and `load_fisher` (Fisher files),
+`fisher_summary` and `equivalent_lam` (what a Fisher holds, λ between two Fishers) and
+`fisher_merge` (Fisher-weighted model merging); the submodules `ewc_rs.checkpoint`,
+`ewc_rs.cuda_kernel`, `ewc_rs.distributed` and `ewc_rs.integrations`.
+
+`import ewc_rs` checks that the installed torch is the one the extension was built against: read
+from the extension's file before loading it (``_native.py``; the native module has no rpath to
+libtorch, so torch is imported first), and again from what the loaded module says. Another torch
+raises `ImportError` naming both versions.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ impl Rule for Linear {
         let (a3, g3, [rows, cols]) = self.as_sequences(a, g);
         let mut w: Option<Tensor> = None;
         if want.weight {
-            let chunk = (ws.budget / (4 * rows * cols).max(1)).clamp(1, n.max(1));
+            let chunk = sequence_chunk(rows * cols, ws.budget, n);
             for (start, len) in chunks(n, chunk) {
                 let mut buf = ws.buffer(CHUNK, &[len, rows, cols], a.device());
                 self.weight_product_into(
@@ -254,6 +254,23 @@ impl Rule for Linear {
     }
 }
 
+/// A per-sample weight gradient of at least this many elements (4 MiB in float32) is one GEMM big
+/// enough on its own (an LM head's, 32000 × 512, is 16M): such a layer goes one sample at a time,
+/// squared straight into the running sum by one fused `addcmul_`. A chunk of several samples would
+/// gain nothing in the GEMM and move more bytes (write the chunk, square it, sum it, add the sum),
+/// and its buffer would be several weights' size (a quarter of the peak memory above the model on
+/// a Llama-shaped model).
+const ONE_SAMPLE_ELEMS: i64 = 1 << 20;
+
+/// Samples per chunk of a sequence Linear's per-sample weight gradients (`elems` each): one for a
+/// big weight (`ONE_SAMPLE_ELEMS`), else as many as `budget` bytes hold, at least one, at most `n`.
+fn sequence_chunk(elems: i64, budget: i64, n: i64) -> i64 {
+    if elems >= ONE_SAMPLE_ELEMS {
+        return 1;
+    }
+    (budget / (4 * elems).max(1)).clamp(1, n.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{autograd_per_sample, rel, OPTS};
@@ -369,5 +386,37 @@ mod tests {
         for (got, want) in sums.totals.iter().zip(want.iter()) {
             assert!(rel(got, want) < 1e-5, "{}", rel(got, want));
         }
+    }
+
+    #[test]
+    fn big_weights_go_one_sample_at_a_time_small_ones_by_budget() {
+        assert_eq!(sequence_chunk(32000 * 512, 256 << 20, 8), 1);
+        assert_eq!(sequence_chunk(ONE_SAMPLE_ELEMS, 256 << 20, 8), 1);
+        assert_eq!(sequence_chunk(ONE_SAMPLE_ELEMS - 1, 256 << 20, 8), 8);
+        assert_eq!(sequence_chunk(1000, 8000, 8), 2);
+        assert_eq!(sequence_chunk(1000, 1, 8), 1);
+        assert_eq!(sequence_chunk(10, 1 << 20, 0), 1);
+    }
+
+    #[test]
+    fn sequence_sum_sq_of_a_big_weight_matches_autograd() {
+        // 1024 × 1024 = ONE_SAMPLE_ELEMS: the one-sample path, against per-sample autograd.
+        tch::manual_seed(14);
+        let (n, t, d) = (3, 4, 1024);
+        let w = Tensor::randn([d, d], OPTS).set_requires_grad(true);
+        let a = Tensor::randn([n, t, d], OPTS);
+        let g = Tensor::randn([n, t, d], OPTS);
+        let ws = Workspace::new(256 << 20);
+        let [got, _] = LINEAR.sum_sq(&a, &g, Want::WEIGHT, &ws).unwrap();
+        let mut want = w.zeros_like();
+        for i in 0..n {
+            let wi = w.detach().set_requires_grad(true);
+            let out = a.get(i).matmul(&wi.tr());
+            let li = (out * g.get(i)).sum(Kind::Float);
+            let gw = &Tensor::run_backward(&[li], &[&wi], false, false)[0];
+            want += gw.square();
+        }
+        let got = got.unwrap();
+        assert!(rel(&got, &want) < 1e-5, "{}", rel(&got, &want));
     }
 }
