@@ -22,6 +22,11 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the venv's Python is 3.11
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 Table = list[list[str]]
@@ -152,8 +157,9 @@ def _first_line(doc: Optional[str]) -> str:
 
 
 def _tch_of(manifest: Path) -> str:
-    match = re.search(r'^tch\s*=\s*\{\s*version\s*=\s*"=?([\d.]+)"', manifest.read_text(encoding="utf-8"), re.MULTILINE)
-    return match.group(1) if match else "?"
+    """The tch version a line's ``Cargo.toml`` pins (``"=0.26.0"`` → ``"0.26.0"``)."""
+    dep = tomllib.loads(manifest.read_text(encoding="utf-8"))["dependencies"]["tch"]
+    return str(dep if isinstance(dep, str) else dep["version"]).lstrip("=")
 
 
 def _ci_lines() -> list[str]:

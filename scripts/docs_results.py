@@ -25,6 +25,7 @@ PAGE = "results/demos.md"
 
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
+from llm_figures import merge_table  # noqa: E402
 from permuted_table import load_curves, markdown_table  # noqa: E402
 
 #: The result files the page is built from (under docs/), each shown with the command that wrote it.
@@ -324,13 +325,9 @@ def kfac50_section() -> str:
 
 def merge_section() -> str:
     data = load("merge.json")
-    acc = data.get("accuracy", {})
-    if not acc:
+    lines = merge_table(data.get("accuracy", {}))
+    if not lines:
         return ""
-    cols = list(next(iter(acc.values())))
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
-    for model, row in acc.items():
-        lines.append(f"| {model} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
     cfg = data.get("config", {})
     return "\n".join(
         [

@@ -134,20 +134,26 @@ def step_section(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def merge_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
+    """The merge demo's accuracy table (``merge.json``'s ``accuracy``: model → task → accuracy), as
+    Markdown lines; also the Results page's (``scripts/docs_results.py``)."""
+    if not accuracy:
+        return []
+    tasks = list(next(iter(accuracy.values())))
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for model, row in accuracy.items():
+        lines.append(f"| {model} | " + " | ".join(f"{row[t]:.4f}" for t in tasks) + " |")
+    return lines
+
+
 def merge_section(res: dict[str, Any]) -> list[str]:
-    lines = [
+    return [
         "## Fisher-weighted merging",
         "",
         "`python -m ewc_rs.demo merge`: two fine-tunes of one base on two permuted-MNIST tasks, merged.",
         "",
+        *merge_table(res["accuracy"]),
     ]
-    table = res["accuracy"]
-    if table:
-        tasks = list(next(iter(table.values())))
-        lines += ["| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-        for model, row in table.items():
-            lines.append(f"| {model} | " + " | ".join(f"{row[t]:.4f}" for t in tasks) + " |")
-    return lines
 
 
 def render() -> str:

@@ -50,7 +50,7 @@ def comm_stats() -> dict[str, Any]:
         print(stats["bytes"])
         ```
     """
-    return collectives.comm_stats()
+    return collectives.COUNTER.counts()
 
 
 def reset_counter() -> None:
@@ -67,4 +67,4 @@ def reset_counter() -> None:
         assert distributed.comm_stats()["total_calls"] == 0  # no process group: nothing communicated
         ```
     """
-    collectives.reset_counter()
+    collectives.COUNTER.reset()

@@ -1,33 +1,20 @@
 """The documentation's generated and executed parts: the reference pages ``scripts/docs_pages.py``
-writes at build time say what the code and the result files say; the tutorial pages are executed
+writes at build time say what the code and the result files say (the torch-versions page is
+checked with the other torch-line facts, in ``test_packaging.py``); the tutorial pages are executed
 runs of the notebooks as they are now; the README stays a page."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import runpy
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from ewc_rs import _core
+from repo_files import REPO, load_module
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _docs_pages() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("docs_pages", REPO / "scripts" / "docs_pages.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pages = _docs_pages()
+pages = load_module("docs_pages", REPO / "scripts" / "docs_pages.py")
 
 
 def test_every_registered_layer_has_a_probe_and_a_row() -> None:
@@ -48,26 +35,6 @@ def test_kronecker_forms_are_the_extensions() -> None:
     assert rows["torch.nn.modules.linear.Linear"].startswith("A 3(+1) × G 2")
     assert rows["torch.nn.modules.normalization.LayerNorm"] == "diagonal"
     assert "[in, out]" in rows["transformers.pytorch_utils.Conv1D"]
-
-
-def _toml_tch(manifest: Path) -> str:
-    if sys.version_info < (3, 11):
-        pytest.skip("reading TOML needs tomllib (Python 3.11)")
-    import tomllib
-
-    dep = tomllib.loads(manifest.read_text(encoding="utf-8"))["dependencies"]["tch"]
-    return str(dep["version"] if isinstance(dep, dict) else dep).lstrip("=")
-
-
-def test_torch_versions_page_lists_the_supported_lines() -> None:
-    versions = runpy.run_path(str(REPO / "python" / "ewc_rs" / "_torch_version.py"))
-    rows = pages.torch_rows()
-    assert [r[0] for r in rows] == list(versions["SUPPORTED_TORCH_VERSIONS"])
-    for version, tch, *_ in rows:
-        assert tch == _toml_tch(REPO / versions["build_dir"](version) / "Cargo.toml"), version
-    page = pages.torch_versions_page()
-    assert "make test`: every test (default line)" in page
-    assert f"make test-core TORCH={'2.13'}` in CI" in page
 
 
 # Result files quoted on other generated pages (scripts/llm_figures.py writes docs/llm.md).
@@ -112,10 +79,6 @@ def test_tutorial_page_is_a_full_run_of_the_notebook(notebook: Path) -> None:
     assert all(c["execution_count"] is not None for c in code), "a code cell was not executed"
 
 
-def test_readme_is_a_page_and_names_supported_torch_only() -> None:
+def test_readme_is_a_page() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) <= 200
-    versions = runpy.run_path(str(REPO / "python" / "ewc_rs" / "_torch_version.py"))
-    named = set(re.findall(r"torch==(\d+\.\d+\.\d+)", readme))
-    assert versions["TORCH_VERSION"] in named
-    assert named <= set(versions["SUPPORTED_TORCH_VERSIONS"])

@@ -4,18 +4,18 @@ and shows the numbers those files hold: each table is checked against its JSON, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from repo_files import REPO as ROOT
+from repo_files import load_module
+
 DOCS = ROOT / "docs"
 SCRIPT = ROOT / "scripts" / "docs_results.py"
 # Result files with a generated page of their own.
@@ -23,11 +23,7 @@ OWN_PAGE = {"fisher_kinds.json"}
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("docs_results", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("docs_results", SCRIPT)
 
 
 @pytest.fixture(scope="module")

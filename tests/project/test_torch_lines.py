@@ -20,22 +20,16 @@ from typing import Any
 
 import pytest
 
+from repo_files import load_module
+
 REPO = Path(__file__).resolve().parents[2]
 VERSIONS: dict[str, Any] = runpy.run_path(str(REPO / "python" / "ewc_rs" / "_torch_version.py"))
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def backend() -> ModuleType:
     pytest.importorskip("maturin", reason="the build backend delegates to maturin (requirements-dev.txt)")
-    return _load("ewc_rs_backend_under_test", REPO / "build_backend" / "ewc_rs_backend.py")
+    return load_module("ewc_rs_backend_under_test", REPO / "build_backend" / "ewc_rs_backend.py")
 
 
 def _native() -> ModuleType:
@@ -43,7 +37,7 @@ def _native() -> ModuleType:
     package = ModuleType("ewc_rs_native_under_test")
     package.__path__ = [str(REPO / "python" / "ewc_rs")]
     sys.modules[package.__name__] = package
-    return _load(f"{package.__name__}._native", REPO / "python" / "ewc_rs" / "_native.py")
+    return load_module(f"{package.__name__}._native", REPO / "python" / "ewc_rs" / "_native.py")
 
 
 @pytest.mark.parametrize("version", VERSIONS["SUPPORTED_TORCH_VERSIONS"])
@@ -135,7 +129,7 @@ def test_built_extension_carries_the_torch_it_was_built_for() -> None:
 
 
 def test_wheel_index_lists_the_wheels(tmp_path: Path) -> None:
-    script = _load("wheel_index_under_test", REPO / "scripts" / "wheel_index.py")
+    script = load_module("wheel_index_under_test", REPO / "scripts" / "wheel_index.py")
     names = ["ewc_rs-0.1.0+torch213-cp39-abi3-linux_x86_64.whl", "ewc_rs-0.1.0+torch29-cp39-abi3-linux_x86_64.whl"]
     for name in names:
         (tmp_path / name).write_bytes(b"")
@@ -180,7 +174,7 @@ def test_wheel_metadata_and_record_are_rewritten_together(backend: ModuleType, t
 
 
 def _patcher() -> ModuleType:
-    return _load("ewc_rs_patch_torch_sys_under_test", REPO / "scripts" / "patch_torch_sys.py")
+    return load_module("ewc_rs_patch_torch_sys_under_test", REPO / "scripts" / "patch_torch_sys.py")
 
 
 def _fake_torch_sys(folder: Path, patcher: ModuleType) -> dict[str, str]:

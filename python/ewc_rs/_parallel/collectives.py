@@ -30,6 +30,11 @@ class CommCounter:
         self.calls[op] = self.calls.get(op, 0) + 1
         self.bytes[op] = self.bytes.get(op, 0) + int(nbytes)
 
+    def reset(self) -> None:
+        """Forgets every call counted so far."""
+        self.calls.clear()
+        self.bytes.clear()
+
     def counts(self) -> dict[str, Any]:
         """``{"calls": {op: n}, "bytes": {op: n}, "total_calls": n, "total_bytes": n}``."""
         return {
@@ -41,22 +46,6 @@ class CommCounter:
 
 
 COUNTER = CommCounter()
-
-
-def reset_counter() -> None:
-    """Zeroes :data:`COUNTER` (this process's count)."""
-    COUNTER.calls.clear()
-    COUNTER.bytes.clear()
-
-
-def comm_stats() -> dict[str, Any]:
-    """This process's collectives since the last :func:`reset_counter`.
-
-    Returns:
-        ``{"calls": {op: n}, "bytes": {op: n}, "total_calls": n, "total_bytes": n}``, bytes being
-        the size of the tensor each call reduced or gathered on this rank.
-    """
-    return COUNTER.counts()
 
 
 def resolve_group(group: Group) -> Group:
