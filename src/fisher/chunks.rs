@@ -21,6 +21,11 @@ pub struct Workspace {
 pub const RESULT: usize = usize::MAX;
 /// The workspace key of a rule's per-chunk intermediates.
 pub const CHUNK: usize = 0;
+/// The workspace key of a rule's rearranged copy of a chunk's input (a convolution's padded input).
+pub const INPUT: usize = usize::MAX - 1;
+/// The workspace key of a rule's second rearrangement of a chunk's input (a convolution's
+/// unfolded columns).
+pub const COLUMNS: usize = usize::MAX - 2;
 
 impl Workspace {
     pub fn new(budget: i64) -> Self {

@@ -3,6 +3,7 @@
 
 use super::{KfacForm, Rule, Slots, Want};
 use crate::error::{value_err, Context, Result};
+use crate::fisher::chunks::{add_to, chunks, Workspace, CHUNK, COLUMNS, INPUT};
 use pyo3::prelude::*;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -122,14 +123,27 @@ struct Window {
 impl Window {
     /// `[N, C, H, W]` → `[N, C·kh·kw, L]`, the columns a convolution multiplies (as `im2col`).
     /// Built as one strided view of the zero-padded input and one copy: several times faster
-    /// than libtorch's CPU `im2col`, which loops over samples.
-    fn unfold(&self, a: &Tensor) -> Result<Tensor> {
+    /// than libtorch's CPU `im2col`, which loops over samples. With a workspace, the padded input
+    /// and the columns are written into its buffers (`INPUT`, `COLUMNS`: valid until the next
+    /// chunk) instead of fresh memory, which on the CPU is page-faulted in for every chunk.
+    fn unfold(&self, a: &Tensor, ws: Option<&Workspace>) -> Result<Tensor> {
         let (k, s, p, d) = (self.kernel, self.stride, self.padding, self.dilation);
-        let padded = if p == [0, 0] {
-            a.contiguous()
-        } else {
-            a.f_constant_pad_nd([p[1], p[1], p[0], p[0]])
-                .ctx("conv rule (pad)")?
+        let padded = match ws {
+            _ if p == [0, 0] => a.contiguous(),
+            Some(ws) => {
+                let sz = a.size();
+                let shape = [sz[0], sz[1], sz[2] + 2 * p[0], sz[3] + 2 * p[1]];
+                let mut buf = ws.buffer(INPUT, &shape, a.device());
+                let _ = buf.f_zero_().ctx("conv rule (pad)")?;
+                buf.f_narrow(2, p[0], sz[2])
+                    .and_then(|t| t.f_narrow(3, p[1], sz[3]))
+                    .and_then(|mut t| t.f_copy_(a))
+                    .ctx("conv rule (pad)")?;
+                buf
+            }
+            None => a
+                .f_constant_pad_nd([p[1], p[1], p[0], p[0]])
+                .ctx("conv rule (pad)")?,
         };
         let size = padded.size();
         let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
@@ -142,7 +156,7 @@ impl Window {
             ));
         }
         let st = padded.stride();
-        padded
+        let windows = padded
             .f_as_strided(
                 [n, c, k[0], k[1], oh, ow],
                 [
@@ -155,13 +169,31 @@ impl Window {
                 ],
                 None,
             )
-            .and_then(|v| v.f_reshape([n, c * k[0] * k[1], oh * ow]))
-            .ctx("conv rule (unfold)")
+            .ctx("conv rule (unfold)")?;
+        let cols = [n, c * k[0] * k[1], oh * ow];
+        match ws {
+            Some(ws) => {
+                let buf = ws.buffer(COLUMNS, &cols, a.device());
+                buf.f_view([n, c, k[0], k[1], oh, ow])
+                    .and_then(|mut t| t.f_copy_(&windows))
+                    .ctx("conv rule (unfold)")?;
+                Ok(buf)
+            }
+            None => windows.f_reshape(cols).ctx("conv rule (unfold)"),
+        }
     }
 }
 
-impl Rule for Conv {
-    fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
+impl Conv {
+    /// `per_sample`, with the weight gradients written into the workspace's `CHUNK` buffer (and
+    /// the unfold into its own buffers) when one is given.
+    fn per_sample_in(
+        &self,
+        a: &Tensor,
+        g: &Tensor,
+        want: Want,
+        ws: Option<&Workspace>,
+    ) -> Result<Slots> {
         let n = a.size()[0];
         let g = g.to_kind(Kind::Float);
         let (a, g) = if self.dims == 1 {
@@ -175,7 +207,7 @@ impl Rule for Conv {
         let g3 = g.reshape([n, gr, cout / gr, -1]);
         let w = if want.weight {
             let window = self.as_2d();
-            let unf = window.unfold(&a.to_kind(Kind::Float))?;
+            let unf = window.unfold(&a.to_kind(Kind::Float), ws)?;
             let kk = window.kernel[0] * window.kernel[1];
             let unf = unf.reshape([n, gr, (cin / gr) * kk, -1]);
             if unf.size()[3] != g3.size()[3] {
@@ -186,10 +218,20 @@ impl Rule for Conv {
                     g3.size()[3]
                 ));
             }
-            // [n, G, O/G, L] x [n, G, L, (I/G)K] -> [n, G, O/G, (I/G)K]
-            let gw = g3
-                .f_matmul(&unf.transpose(2, 3))
-                .ctx("conv rule (matmul)")?;
+            // [n, G, O/G, L] x [n, G, L, (I/G)K] -> [n, G, O/G, (I/G)K], as one batched GEMM
+            // over (sample, group).
+            let l = g3.size()[3];
+            let (rows, cols) = (cout / gr, (cin / gr) * kk);
+            let lhs = g3.reshape([n * gr, rows, l]);
+            let rhs = unf.reshape([n * gr, cols, l]).transpose(1, 2);
+            let gw = match ws {
+                Some(ws) => {
+                    let out = ws.buffer(CHUNK, &[n * gr, rows, cols], a.device());
+                    lhs.f_bmm_out(&out, &rhs)
+                }
+                None => lhs.f_bmm(&rhs),
+            }
+            .ctx("conv rule (matmul)")?;
             let mut shape = vec![n, cout, cin / gr];
             shape.extend_from_slice(&self.kernel);
             Some(gw.reshape(shape.as_slice()))
@@ -200,6 +242,29 @@ impl Rule for Conv {
             .bias
             .then(|| g3.sum_dim_intlist(3, false, Kind::Float).reshape([n, cout]));
         Ok([w, b])
+    }
+}
+
+impl Rule for Conv {
+    fn per_sample(&self, a: &Tensor, g: &Tensor, want: Want) -> Result<Slots> {
+        self.per_sample_in(a, g, want, None)
+    }
+
+    /// `chunked_sum_sq` with every chunk's intermediates (padded input, columns, per-sample
+    /// gradients) in the workspace's buffers, squared in place.
+    fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, ws: &Workspace) -> Result<Slots> {
+        let mut out: Slots = [None, None];
+        for (start, len) in chunks(a.size()[0], self.chunk_size(a, g, ws.budget)) {
+            let (a, g) = (a.narrow(0, start, len), g.narrow(0, start, len));
+            let ps = self.per_sample_in(&a, &g, want, Some(ws))?;
+            for (acc, t) in out.iter_mut().zip(ps) {
+                if let Some(mut t) = t {
+                    let _ = t.f_square_().ctx("conv rule (square)")?;
+                    add_to(acc, t.sum_dim_intlist(0, false, Kind::Float));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Groups > 1 make the weight block-diagonal: no single Kronecker pair, so no KFAC form.
@@ -222,7 +287,7 @@ impl Rule for Conv {
         } else {
             a.shallow_clone()
         };
-        let unf = self.as_2d().unfold(&a.to_kind(Kind::Float))?;
+        let unf = self.as_2d().unfold(&a.to_kind(Kind::Float), None)?;
         let cols = unf.size()[1];
         unf.f_transpose(1, 2)
             .and_then(|t| t.f_reshape([-1, cols]))
@@ -278,6 +343,37 @@ mod tests {
                 big_budget[0].as_ref().unwrap()
             ) < 1e-6
         );
+    }
+
+    #[test]
+    fn sum_sq_in_a_reused_workspace_matches_autograd() {
+        // One workspace for several calls, as in an estimation: buffers left by a bigger call
+        // (padded input, columns, per-sample gradients) must not leak into the next one.
+        tch::manual_seed(4);
+        let ws = Workspace::new(3 * 4 * 500);
+        for (cin, cout, hw, pad, groups, n) in
+            [(4, 6, 9, 1, 2, 5), (2, 3, 6, 2, 1, 3), (3, 4, 7, 0, 1, 4)]
+        {
+            let rule =
+                Conv::new(vec![3, 3], vec![1, 1], vec![pad, pad], vec![1, 1], groups).unwrap();
+            let a = Tensor::randn([n, cin, hw, hw], OPTS);
+            let w = Tensor::randn([cout, cin / groups, 3, 3], OPTS);
+            let conv = |x: &Tensor, w: &Tensor| {
+                x.conv2d::<Tensor>(w, None, [1, 1], [pad, pad], [1, 1], groups)
+            };
+            let g = Tensor::randn(conv(&a, &w).size().as_slice(), OPTS);
+            let want = autograd_per_sample(&a, &g, &w, conv)
+                .square()
+                .sum_dim_intlist(0, false, Kind::Float);
+            let got = rule.sum_sq(&a, &g, Want::BOTH, &ws).unwrap();
+            assert!(
+                rel(got[0].as_ref().unwrap(), &want) < 1e-5,
+                "cin {cin} pad {pad} groups {groups}"
+            );
+            let bias = g.sum_dim_intlist([2, 3].as_slice(), false, Kind::Float);
+            let want_b = bias.square().sum_dim_intlist(0, false, Kind::Float);
+            assert!(rel(got[1].as_ref().unwrap(), &want_b) < 1e-5);
+        }
     }
 
     #[test]
