@@ -1,9 +1,11 @@
 """Fisher of language models against a training step, and the GPT-2-small penalty, on this CPU.
 
-Shapes (random weights from a config, nothing downloaded; ``--shapes`` picks, default all four):
+Shapes (random weights from a config, nothing downloaded; ``--shapes`` picks, default all five):
 - ``gpt2_small``: GPT-2 small (124M parameters, tied 50257 × 768 embedding), 32 sequences × 128
   tokens, batches of 8;
 - ``gpt2_mid``: GPT-2 with 4 layers of width 256, vocabulary 2000, 4 sequences × 64 tokens;
+- ``gpt2_mid_32``: the same model over 32 such sequences in batches of 4 (with ``gpt2_mid``, this
+  separates the estimation's fixed cost, the once-per-estimation rule check, from each batch's);
 - ``vocab_heavy``: GPT-2's 50257 × 768 tied embedding with 2 layers, 32 sequences × 128 tokens;
 - ``llama``: a Llama shape (untied embedding and LM head, vocabulary 32000, width 512, 4 layers,
   8 query heads sharing 2 key/value heads, gated MLP), 32 sequences × 128 tokens (batches of 8);
@@ -79,6 +81,16 @@ SHAPES: dict[str, Shape] = {
         4,
         "mid GPT-2 (vocabulary 2000, 4 layers of width 256)",
     ),
+    # The same model over 8 batches: the estimation's fixed cost (the once-per-estimation rule
+    # check) spread over the batches, and, against `gpt2_mid`, the cost of each further batch.
+    "gpt2_mid_32": Shape(
+        "gpt2",
+        dict(n_layer=4, n_embd=256, n_head=4, vocab_size=2000, n_positions=256),
+        32,
+        64,
+        4,
+        "mid GPT-2 over 8 batches of 4 sequences",
+    ),
     "vocab_heavy": Shape(
         "gpt2",
         dict(n_layer=2, n_embd=768, n_head=12, vocab_size=50257, n_positions=128),
@@ -125,7 +137,7 @@ SHAPES: dict[str, Shape] = {
         "2-layer Llama stand-in",
     ),
 }
-DEFAULT_SHAPES = ("gpt2_mid", "vocab_heavy", "llama", "gpt2_small")
+DEFAULT_SHAPES = ("gpt2_mid", "gpt2_mid_32", "vocab_heavy", "llama", "gpt2_small")
 KINDS = ("empirical", "mc")
 
 

@@ -129,9 +129,28 @@ def step_section(res: dict[str, Any]) -> list[str]:
             f"{t['fwd_bwd']:.2f} s | {r['time_ratio']['empirical']:.2f}x | {r['time_ratio']['mc']:.2f}x | "
             f"{r['memory_ratio']['empirical']:.2f}x |"
         )
+    lines += fixed_and_per_batch(res.get("shapes", {}))
     threads = res.get("machine", {}).get("torch_threads")
     lines += ["", f"Measured on this machine's CPU with {threads} threads; ratios, not seconds, carry over."]
     return lines
+
+
+def fixed_and_per_batch(shapes: dict[str, Any], one: str = "gpt2_mid", many: str = "gpt2_mid_32") -> list[str]:
+    """The empirical Fisher's cost split into a fixed part per estimation and a part per batch, from
+    the same model measured over one batch (``one``) and over several (``many``)."""
+    if one not in shapes or many not in shapes:
+        return []
+    a, b = shapes[one], shapes[many]
+    ta, tb = a["median_s"], b["median_s"]
+    per_batch = (tb["ewc_rs:empirical"] - ta["ewc_rs:empirical"]) / (tb["fwd_bwd"] - ta["fwd_bwd"])
+    fixed = ta["ewc_rs:empirical"] - per_batch * ta["fwd_bwd"]
+    return [
+        "",
+        f"`{one}` and `{many}` are one model over {a['sequences']} and {b['sequences']} sequences (batches of "
+        f"{b['batch']}). Between them, the empirical Fisher costs {per_batch:.2f}x forward+backward for each further "
+        f"batch, plus a fixed {fixed * 1000:.0f} ms per estimation ({fixed / ta['fwd_bwd']:.1f}x the forward+backward "
+        f"of one batch): mostly the rule check, which runs once, on the first batch's first two sequences.",
+    ]
 
 
 def merge_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
