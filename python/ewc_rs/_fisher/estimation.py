@@ -4,7 +4,8 @@
 Per batch: one recorded forward pass, then the native engine (``_core.FisherSums.add_batch``:
 one backward pass per root, each layer's rule, sums of squares); the parameters no rule covers go
 to ``fallback``. Once per estimation, on the first samples of the first batch, the rules are
-checked against autograd and any parameter they cannot see completely goes to the fallback too.
+checked against autograd and any parameter they cannot see completely goes to the fallback too;
+a plain stack of layers whose structure shows what the check tests skips it (:mod:`.structure`).
 
 The Kronecker part (``kronecker=True``) is empty for a diagonal estimation: the candidate layers
 (:mod:`.sites`) get zero factor sums when the estimation starts, the same on every rank; the layer
@@ -33,6 +34,7 @@ from .fallback import Fallback
 from .options import FisherOptions
 from .recording import Recorder, RuleCoverage, cover_model
 from .sites import KfacSite, kfac_sites
+from .structure import calls_keep_samples, plain_stack
 
 #: Rules whose check against autograd differs by more than this use the fallback instead.
 _MISMATCH_TOL = 1e-3
@@ -281,11 +283,14 @@ class Estimation:
     def _rules_step(self, x: Any, y: Any, n: int, recorder: Recorder) -> None:
         """One batch through the rules (and the Kronecker sites), then the fallback parameters
         sample by sample."""
+        recorded = None
         if not self.checked:
-            self._check_rules(x, y, n, recorder)
+            recorded = self._plain_stack_forward(x, y, n, recorder)
+            if recorded is None:
+                self._check_rules(x, y, n, recorder)
             self.checked = True
             self._choose_sites()
-        out, yp = self._recorded_forward(x, y, n, recorder)
+        out, yp = recorded or self._recorded_forward(x, y, n, recorder)
         self._count_tokens(yp, n)
         self._drop_uninterpretable(recorder, n)
         mc = self.options.draw_mc(out, yp) if self.options.kind == "mc" else None
@@ -343,6 +348,17 @@ class Estimation:
         self.coverage.to_fallback(
             s for c in recorder.calls if not c.readable or c.input.shape[:1] != (n,) for s in c.site.slots()
         )
+
+    def _plain_stack_forward(self, x: Any, y: Any, n: int, recorder: Recorder) -> Optional[tuple[torch.Tensor, Any]]:
+        """The first batch's recorded forward pass when the model's structure and these calls show
+        what the rule check would test (:mod:`.structure`); None when the check must run."""
+        own = {h.id for h in recorder.handles}
+        # A callable likelihood or outputs= may read the parameters themselves: the check compares.
+        user_code = self.options.loglik_fn is not None or self.options.pick is not None
+        if user_code or not plain_stack(self.model, self.coverage, own):
+            return None
+        out, yp = self._recorded_forward(x, y, n, recorder)
+        return (out, yp) if calls_keep_samples(recorder.calls, n) else None
 
     def _check_rules(self, x: Any, y: Any, n: int, recorder: Recorder) -> None:
         """Once per estimation, on the first samples of the first batch: hands to the fallback every
