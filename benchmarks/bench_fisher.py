@@ -1,6 +1,6 @@
 """Fisher estimation speed: ewc_rs (every kind) against the usual ways of computing it.
 
-All in one process, side by side, on the same data (random inputs; on the CPU N=2000 in batches of
+All in one process, side by side, on the same data, interleaved rounds in a shuffled order (random inputs; on the CPU N=2000 in batches of
 100, on CUDA N=10000 in batches of 500 so that the GPU has work to measure; ``--samples`` and
 ``--batch`` set them):
 - ``loop``: the per-sample loop (one forward/backward per sample, float32): the definition.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -182,9 +183,14 @@ def run_model(name: str, device: str, n: int, repeats: int, batch: int = 100) ->
     errors: dict[str, str] = {}
     samples: dict[str, list[float]] = {m: [] for m in methods}
     # Interleaved rounds (one call of each method per round) so that the machine's noise hits
-    # every method alike; the per-sample loop, 40x slower, runs in the first two rounds only.
+    # every method alike; the per-sample loop, 40x slower, runs in the first two rounds only. Each
+    # round runs the methods in its own shuffled order: in a fixed order a method always follows
+    # the same one, and the one that follows BackPACK or vmap (whose large allocations leave cold
+    # caches and memory handed back to the system) pays for it every round.
     for r in range(repeats + 1):  # round 0 warms up
-        for method, fn in methods.items():
+        order = list(methods.items())
+        random.Random(r).shuffle(order)
+        for method, fn in order:
             if method in errors or (method == "loop" and r > 2):
                 continue
             try:
