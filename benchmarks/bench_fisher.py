@@ -1,8 +1,8 @@
 """Fisher estimation speed: ewc_rs (every kind) against the usual ways of computing it.
 
-All in one process, side by side, on the same data, interleaved rounds in a shuffled order (random inputs; on the CPU N=2000 in batches of
-100, on CUDA N=10000 in batches of 500 so that the GPU has work to measure; ``--samples`` and
-``--batch`` set them):
+All in one process, side by side, on the same data, interleaved rounds in a shuffled order
+(random inputs; on the CPU N=2000 in batches of 100, on CUDA N=10000 in batches of 500 so that the
+GPU has work to measure; ``--samples`` and ``--batch`` set them):
 - ``loop``: the per-sample loop (one forward/backward per sample, float32): the definition.
 - ``vmap``: ``torch.func`` ``vmap(grad)`` per-sample gradients, squared and summed.
 - ``backpack``: BackPACK's ``SumGradSquared`` (where it supports the model; "not installed" when

@@ -11,7 +11,8 @@ Shapes (random weights from a config, nothing downloaded; ``--shapes`` picks, de
   8 query heads sharing 2 key/value heads, gated MLP), 32 sequences × 128 tokens (batches of 8);
 - ``tiny`` / ``llama_tiny``: 2-layer stand-ins on short sequences, for the smoke test.
 
-Per shape, side by side in one process, interleaved rounds, on the same sequences:
+Per shape, side by side in one process, interleaved rounds (each in a shuffled order), on the same
+sequences:
 - ``fwd_bwd``: plain forward + backward of the causal-LM loss over the batches (the baseline: one
   training step's gradient work);
 - ``ewc_rs:empirical`` and ``ewc_rs:mc``: ``fisher_diag(model, batches, kind=...,
@@ -40,6 +41,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -247,7 +249,9 @@ def run_shape(name: str, rounds: int) -> dict[str, Any]:
     fns = methods(model, data)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds + 1):  # round 0 warms up (allocator, thread pools)
-        for k, fn in fns.items():
+        order = list(fns.items())
+        random.Random(r).shuffle(order)  # no method always follows the same one
+        for k, fn in order:
             t0 = time.perf_counter()
             fn()
             if r > 0:
@@ -344,6 +348,7 @@ def main() -> None:
     shapes = previous.get("shapes", {}) if isinstance(previous.get("shapes"), dict) else {}
     for name in names:
         shapes[name] = run_shape(name, args.rounds)
+    shapes = {k: shapes[k] for k in sorted(shapes, key=lambda k: list(SHAPES).index(k) if k in SHAPES else len(SHAPES))}
     print()
     print_header()
     small = "gpt2_tiny" if set(names) <= {"tiny", "llama_tiny"} else "gpt2_small"
