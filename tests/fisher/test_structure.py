@@ -153,6 +153,13 @@ VARIANTS: dict[str, Callable[[], nn.Module]] = {
     "tensor_hook": _tensor_hook,
     "softmax_over_samples": lambda: nn.Sequential(nn.Linear(6, 8), nn.Softmax(dim=0), nn.Linear(8, 3)),
     "float64": lambda: _mlp().double(),
+    # layers whose calls are not recorded (nothing to estimate), so whose inputs are not looked at
+    "frozen_layer": lambda: _mlp(nn.Linear(6, 8).requires_grad_(False)),
+    "norm_without_parameters": lambda: _mlp(nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8, elementwise_affine=False))),
+    # no parameters of its own, yet it mixes the samples: batch statistics even in eval mode
+    "batch_statistics": lambda: _mlp(
+        nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False, track_running_stats=False))
+    ),
     "embedding_max_norm": lambda: nn.Sequential(nn.Embedding(9, 6, max_norm=1.0), nn.Linear(6, 3)),
     "nested_custom": lambda: nn.Sequential(nn.Linear(6, 6), nn.ModuleDict({"a": nn.Linear(6, 6)}), nn.Linear(6, 3)),
 }
@@ -171,7 +178,14 @@ def test_what_the_structure_does_not_vouch_for_is_checked(name: str, checks: lis
     model = VARIANTS[name]()
     if name == "nested_custom":  # a ModuleDict is no layer: called through a custom forward
         model = _NestedCustom(model)
-    fisher_diag(model, _inputs(name, torch.Generator().manual_seed(SEED + 1)), kind="empirical")
+    data = _inputs(name, torch.Generator().manual_seed(SEED + 1))
+    if name == "batch_statistics":
+        # The check sends the layers before it to the per-sample fallback, which cannot run batch
+        # statistics on one sample: an error, not a wrong Fisher.
+        with pytest.raises(ValueError, match="per channel"):
+            fisher_diag(model, data, kind="empirical")
+    else:
+        fisher_diag(model, data, kind="empirical")
     assert checks == [1], _msg(variant=name)
 
 

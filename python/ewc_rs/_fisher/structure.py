@@ -92,8 +92,10 @@ def plain_stack(model: nn.Module, coverage: RuleCoverage, own_hooks: set[int]) -
 
     Returns:
         True when every module is an ``nn.Sequential``, a layer of ``PER_SAMPLE`` or a layer with
-        a rule (exact types, class ``forward``, no hooks), every trainable parameter is float32,
-        has no gradient hook and is covered by a rule, and no global module hook is registered.
+        a rule and trainable parameters (exact types, class ``forward``, no hooks; a BatchNorm with
+        running statistics),
+        every trainable parameter is float32, has no gradient hook and is covered by a rule, and no
+        global module hook is registered.
     """
     if coverage.fallback or coverage.decomposed():
         return False
@@ -102,10 +104,13 @@ def plain_stack(model: nn.Module, coverage: RuleCoverage, own_hooks: set[int]) -
     for p in coverage.params:
         if p.dtype != torch.float32 or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
             return False
+    recorded = {id(site.module) for site in coverage.sites}
     for m in model.modules():
         kind = type(m)
         if "forward" in vars(m):
             return False
+        if kind in _KEEPS_SAMPLES and id(m) not in recorded:
+            return False  # frozen or without parameters: its calls are not recorded, so not looked at
         if (
             kind is not nn.Sequential
             and kind not in PER_SAMPLE
@@ -117,6 +122,8 @@ def plain_stack(model: nn.Module, coverage: RuleCoverage, own_hooks: set[int]) -
             return False
         if kind is nn.Embedding and m.max_norm is not None:  # renormalises its rows in the forward pass
             return False
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
+            return False  # normalises with the batch's statistics even in eval mode (also when affine=False)
         for name in _HOOK_DICTS:
             if set(getattr(m, name, {})) - own_hooks:
                 return False
