@@ -18,7 +18,7 @@ pytestmark = pytest.mark.core
 DRAWS = 400_000
 #: Reject at z > 5 on the Wilson–Hilferty normal approximation of the chi-square statistic
 #: (a correct sampler fails it with probability ≈ 3e-7 per check, whatever the seed; a sampler
-#: off by 5% on two classes holding a tenth of the mass each is caught, see
+#: off by 10% on two classes holding a tenth of the mass each is caught, see
 #: ``test_chi_square_catches_a_wrong_distribution``).
 Z_MAX = 5.0
 
@@ -79,7 +79,9 @@ def test_frequencies_match_softmax(name: str, seed: int) -> None:
 
 def test_chi_square_catches_a_wrong_distribution(seed: int) -> None:
     """The test above can fail: frequencies drawn from p are rejected against p shifted by one
-    class, and against p with 5% of their mass moved between two classes holding a tenth each."""
+    class, and against p with 10% of their mass moved between two classes holding a tenth each
+    (at 5% the expected z was about 7, and in 1 of 40 seeds below 5: the test failed by chance; at
+    10% it was at least 17.8 over the same 40 seeds)."""
     logits = _logits(300, 1.5, seed)
     p = torch.softmax(logits.double(), dim=0)
     counts = torch.bincount(
@@ -95,7 +97,7 @@ def test_chi_square_catches_a_wrong_distribution(seed: int) -> None:
     )
     assert _chi_square_z(counts, q, DRAWS) < Z_MAX
     wrong = q.clone()
-    wrong[0] *= 1.05
+    wrong[0] *= 1.10
     wrong[1] = q[0] + q[1] - wrong[0]
     assert _chi_square_z(counts, wrong, DRAWS) > Z_MAX
 
