@@ -1,9 +1,9 @@
 //! `nn.Conv1d` / `nn.Conv2d` (zero padding, any stride, dilation and groups): the per-sample
 //! weight gradient is g_n · unfold(a_n)ᵀ per group, an unfold and a batched matmul.
 
-use super::{KfacForm, Rule, Slots, Want};
+use super::{sum_over_chunks, KfacForm, Rule, Slots, Want};
 use crate::error::{value_err, Context, Result};
-use crate::fisher::chunks::{add_to, chunks, Workspace, CHUNK, COLUMNS, INPUT};
+use crate::fisher::chunks::{Workspace, CHUNK, COLUMNS, INPUT};
 use pyo3::prelude::*;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -253,18 +253,13 @@ impl Rule for Conv {
     /// `chunked_sum_sq` with every chunk's intermediates (padded input, columns, per-sample
     /// gradients) in the workspace's buffers, squared in place.
     fn sum_sq(&self, a: &Tensor, g: &Tensor, want: Want, ws: &Workspace) -> Result<Slots> {
-        let mut out: Slots = [None, None];
-        for (start, len) in chunks(a.size()[0], self.chunk_size(a, g, ws.budget)) {
-            let (a, g) = (a.narrow(0, start, len), g.narrow(0, start, len));
-            let ps = self.per_sample_in(&a, &g, want, Some(ws))?;
-            for (acc, t) in out.iter_mut().zip(ps) {
-                if let Some(mut t) = t {
-                    let _ = t.f_square_().ctx("conv rule (square)")?;
-                    add_to(acc, t.sum_dim_intlist(0, false, Kind::Float));
-                }
+        sum_over_chunks(a, g, self.chunk_size(a, g, ws.budget), |a, g| {
+            let mut ps = self.per_sample_in(a, g, want, Some(ws))?;
+            for t in ps.iter_mut().flatten() {
+                let _ = t.f_square_().ctx("conv rule (square)")?;
             }
-        }
-        Ok(out)
+            Ok(ps)
+        })
     }
 
     /// Groups > 1 make the weight block-diagonal: no single Kronecker pair, so no KFAC form.

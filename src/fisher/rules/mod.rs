@@ -81,16 +81,9 @@ pub trait Rule: Send + Sync + fmt::Debug {
     /// scalar (the rule checks compare it with autograd's). Default: `per_sample` in chunks of
     /// `ws.budget`, summed; a rule with a cheaper sum overrides it.
     fn summed(&self, a: &Tensor, g: &Tensor, want: Want, ws: &Workspace) -> Result<Slots> {
-        let mut out: Slots = [None, None];
-        for (start, len) in chunks(a.size()[0], self.chunk_size(a, g, ws.budget)) {
-            let ps = self.per_sample(&a.narrow(0, start, len), &g.narrow(0, start, len), want)?;
-            for (acc, t) in out.iter_mut().zip(ps) {
-                if let Some(t) = t {
-                    add_to(acc, t.sum_dim_intlist(0, false, Kind::Float));
-                }
-            }
-        }
-        Ok(out)
+        sum_over_chunks(a, g, self.chunk_size(a, g, ws.budget), |a, g| {
+            self.per_sample(a, g, want)
+        })
     }
 
     /// Adds this call's per-sample gradients `[n, *param]` into `acc` (weight, bias), for a
@@ -175,12 +168,25 @@ pub fn chunked_sum_sq<R: Rule + ?Sized>(
     want: Want,
     ws: &Workspace,
 ) -> Result<Slots> {
+    sum_over_chunks(a, g, rule.chunk_size(a, g, ws.budget), |a, g| {
+        Ok(rule.per_sample(a, g, want)?.map(|t| t.map(|t| t.square())))
+    })
+}
+
+/// Walks `a` and `g` in chunks of `size` samples and sums over the samples what `per_chunk`
+/// gives for each chunk (`[len, *param]` per slot), in float32.
+pub(crate) fn sum_over_chunks(
+    a: &Tensor,
+    g: &Tensor,
+    size: i64,
+    mut per_chunk: impl FnMut(&Tensor, &Tensor) -> Result<Slots>,
+) -> Result<Slots> {
     let mut out: Slots = [None, None];
-    for (start, len) in chunks(a.size()[0], rule.chunk_size(a, g, ws.budget)) {
-        let ps = rule.per_sample(&a.narrow(0, start, len), &g.narrow(0, start, len), want)?;
-        for (acc, t) in out.iter_mut().zip(ps) {
+    for (start, len) in chunks(a.size()[0], size) {
+        let ts = per_chunk(&a.narrow(0, start, len), &g.narrow(0, start, len))?;
+        for (acc, t) in out.iter_mut().zip(ts) {
             if let Some(t) = t {
-                add_to(acc, t.square().sum_dim_intlist(0, false, Kind::Float));
+                add_to(acc, t.sum_dim_intlist(0, false, Kind::Float));
             }
         }
     }
