@@ -92,9 +92,8 @@ def plain_stack(model: nn.Module, coverage: RuleCoverage, own_hooks: set[int]) -
 
     Returns:
         True when every module is an ``nn.Sequential``, a layer of ``PER_SAMPLE`` or a layer with
-        a rule and trainable parameters (exact types, class ``forward``, no hooks; a BatchNorm with
-        running statistics),
-        every trainable parameter is float32, has no gradient hook and is covered by a rule, and no
+        a rule and trainable parameters (exact types, class ``forward``, no hooks), every trainable
+        parameter is float32, has no gradient hook and is covered by a rule, and no
         global module hook is registered.
     """
     if coverage.fallback or coverage.decomposed():
@@ -109,8 +108,11 @@ def plain_stack(model: nn.Module, coverage: RuleCoverage, own_hooks: set[int]) -
         kind = type(m)
         if "forward" in vars(m):
             return False
+        # Frozen or without parameters, its calls are not recorded, so not looked at. (What mixes
+        # samples with parameters, an Embedding with max_norm or a BatchNorm without running
+        # statistics, has no rule: its parameters are in the fallback, refused above.)
         if kind in _KEEPS_SAMPLES and id(m) not in recorded:
-            return False  # frozen or without parameters: its calls are not recorded, so not looked at
+            return False
         if (
             kind is not nn.Sequential
             and kind not in PER_SAMPLE
@@ -120,10 +122,6 @@ def plain_stack(model: nn.Module, coverage: RuleCoverage, own_hooks: set[int]) -
             return False
         if kind is nn.Flatten and not (isinstance(m.start_dim, int) and m.start_dim >= 1):
             return False
-        if kind is nn.Embedding and m.max_norm is not None:  # renormalises its rows in the forward pass
-            return False
-        if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
-            return False  # normalises with the batch's statistics even in eval mode (also when affine=False)
         for name in _HOOK_DICTS:
             if set(getattr(m, name, {})) - own_hooks:
                 return False
